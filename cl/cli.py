@@ -1,0 +1,121 @@
+"""`python -m cl [overrides]`: the Hydra entry point.
+
+Bad input ends with one sentence on stderr that names the fix, and exit status 2.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from cl.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+EXIT_BAD_INPUT = 2
+log = logging.getLogger("cl")
+
+
+def _smoke(small, normal, *, _root_):
+    """`${smoke:small,normal}`: `small` under debug=smoke, else `normal`."""
+    return small if _root_.get("smoke") else normal
+
+
+def _run_dir(resume, default):
+    """`hydra.run.dir`: the folder being resumed, else a fresh one."""
+    return resume if resume not in (None, "", "null", "None") else default
+
+
+def register_resolvers() -> None:
+    for name, fn in (("smoke", _smoke), ("cl.run_dir", _run_dir)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+def group_options(group: str) -> list[str]:
+    folder = CONF_DIR / group
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def check_group_choices(argv: list[str]) -> None:
+    """Unknown options of a config group get the list of valid ones, before Hydra starts."""
+    for arg in argv:
+        if "=" not in arg or arg.startswith("-"):
+            continue
+        key, _, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if "." in key or key.startswith("hydra") or not (CONF_DIR / key).is_dir():
+            continue
+        options = group_options(key)
+        values = value.split(",") if "," in value and not value.startswith(("[", "{")) else [value]
+        for v in values:
+            v = v.strip()
+            if v in ("null", "") or v in options:
+                continue
+            raise UserError(f"Unknown {key} '{v}'; choose one of: {', '.join(options)}.")
+
+
+def touched_keys() -> list[str | None]:
+    """Config keys the command line set (None: a global override such as experiment=...)."""
+    keys: list[str | None] = []
+    for o in HydraConfig.get().overrides.task:
+        key = o.split("=", 1)[0].lstrip("+~")
+        if key in ("resume",) or key.startswith("hydra"):
+            continue
+        keys.append(None if key in ("experiment", "debug") else key.replace("/", "."))
+    return keys
+
+
+def print_summary(results: dict, run_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    R = results["accuracy_matrix"]
+    p = results["protocol"]
+    table = Table(title=f"accuracy (%) {p['accuracy']}: row i = after experience i, column j = experience j")
+    table.add_column("")
+    for j in range(len(R[0]) if R else 0):
+        table.add_column(f"e{j}", justify="right")
+    for i, row in enumerate(R):
+        table.add_row(f"after e{i}", *[f"{100 * a:.1f}" for a in row])
+    console.print(table)
+    metrics = Table(title=f"{p['strategy']} | {p['scenario']} {p['shape']} | {p['backbone']} | seed {p['seed']}")
+    metrics.add_column("metric")
+    metrics.add_column("value", justify="right")
+    for k, v in results["metrics"].items():
+        metrics.add_row(k, "n/a" if v is None else f"{100 * v:.2f}")
+    console.print(metrics)
+    console.print(f"Run folder: [bold]{run_dir}[/bold]")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def hydra_main(cfg: DictConfig) -> float | None:
+    from cl.run import load_resume, run
+
+    try:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        resume_state = None
+        if cfg.get("resume"):
+            run_dir = Path(cfg.resume)
+            cfg, resume_state = load_resume(cfg, run_dir, touched_keys())
+        results = run(cfg, run_dir, resume_state)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    print_summary(results, run_dir)
+    value = results["metrics"].get(cfg.get("objective", "average_incremental_accuracy"))
+    return float(value) if value is not None else None
+
+
+def main() -> None:
+    register_resolvers()
+    try:
+        check_group_choices(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    hydra_main()

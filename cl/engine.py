@@ -1,0 +1,255 @@
+"""The training loop, top to bottom in one function (`train`).
+
+The engine owns devices, optimizer stepping, AMP, clipping, schedules, counters,
+evaluation calls, logging and checkpoints; the strategy's hooks own the method
+(see `cl.strategy`). Determinism: each epoch's shuffle comes from a seed derived
+from (run seed, experience, epoch), augmentation from a dedicated generator, and
+every random state is in the checkpoint, so a resumed run continues with the
+same batches, the same augmentations and the same numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cl.errors import UserError
+from cl.evaluation import Evaluator
+from cl.loggers import RunLogger
+from cl.stream import Stream
+from cl.strategy import Strategy
+
+CHECKPOINT = "last.pt"
+
+
+@dataclass
+class Trainer:
+    """`trainer.*` in the config."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    device: str = "auto"
+    precision: str = "32"  # "32" | "bf16" | "16"
+    clip_grad_norm: float | None = None
+    scheduler_interval: str = "epoch"  # "epoch" | "iteration"
+    drop_last: bool = False
+    log_every: int = 10
+    checkpoint_every: int = 0  # iterations between mid-experience checkpoints (0: only at experience ends)
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"trainer.{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.precision not in ("32", "bf16", "16"):
+            raise UserError(f"trainer.precision must be one of 32, bf16, 16, not {self.precision!r}.")
+        if self.scheduler_interval not in ("epoch", "iteration"):
+            raise UserError("trainer.scheduler_interval must be epoch or iteration.")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, experience: int, epoch: int) -> int:
+    return (seed * 1_000_003 + experience * 10_007 + epoch) % 2**62
+
+
+@dataclass
+class Position:
+    """Where a run is. `phase`: "mid" inside an experience, "end" after one."""
+
+    experience: int = 0
+    epoch: int = 0
+    batch: int = 0
+    iteration: int = 0
+    phase: str = "start"
+
+
+@dataclass
+class Checkpointer:
+    folder: Path
+    log: RunLogger | None = None
+    jsonl: object = None  # the JsonlLogger, for the offset to truncate to on resume
+    written: list = field(default_factory=list)
+
+    @property
+    def path(self) -> Path:
+        return self.folder / CHECKPOINT
+
+    def save(self, state: dict) -> Path:
+        """Atomic: write a temporary file, then rename over the old checkpoint."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.jsonl is not None:
+            state["metrics_offset"] = self.jsonl.offset()
+        tmp = self.path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.path)
+        return self.path
+
+    @staticmethod
+    def load(path: Path) -> dict:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
+            raise UserError(
+                f"Checkpoint {path} is corrupt or truncated ({type(e).__name__}); delete it to restart "
+                "that run from scratch, or resume from another run folder."
+            ) from e
+
+
+def _rng_state(augment_gen: torch.Generator) -> dict:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "augment": augment_gen.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict, augment_gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    augment_gen.set_state(state["augment"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(
+    stream: Stream,
+    strategy: Strategy,
+    evaluator: Evaluator,
+    log: RunLogger,
+    trainer: Trainer,
+    checkpointer: Checkpointer,
+    seed: int,
+    resume: dict | None = None,
+) -> Position:
+    device = evaluator.device
+    strategy.device = device
+    strategy.model.to(device)
+    augment_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    transform = stream.train_transform
+    strategy.augment = (lambda raw: transform(raw, augment_gen)) if transform is not None else (lambda raw: raw)
+    amp_dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(trainer.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "16")
+
+    strategy.setup(stream)
+    pos = Position()
+    if resume is None:
+        evaluator.initial()
+    else:
+        pos = Position(**resume["position"])
+        evaluator.load_state_dict(resume["evaluator"])
+        if pos.phase == "end":
+            strategy.load_state_dict(resume["strategy"])
+            _set_rng_state(resume["rng"], augment_gen)
+
+    def checkpoint(phase: str, optimizer=None, scheduler=None) -> None:
+        pos.phase = phase
+        state = {
+            "position": asdict(pos),
+            "strategy": strategy.state_dict(),
+            "evaluator": evaluator.state_dict(),
+            "rng": _rng_state(augment_gen),
+            "wall_time": log.elapsed,
+        }
+        if phase == "mid":
+            state["optimizer"] = optimizer.state_dict()
+            state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+            state["scaler"] = scaler.state_dict()
+        checkpointer.save(state)
+
+    for i in range(pos.experience, len(stream)):
+        exp = stream[i]
+        strategy.before_experience(exp)
+        optimizer, scheduler = strategy.configure_optimizer(exp)
+        if resume is not None and pos.phase == "mid" and i == pos.experience:
+            strategy.load_state_dict(resume["strategy"])
+            optimizer.load_state_dict(resume["optimizer"])
+            if scheduler is not None and resume.get("scheduler") is not None:
+                scheduler.load_state_dict(resume["scheduler"])
+            scaler.load_state_dict(resume["scaler"])
+            _set_rng_state(resume["rng"], augment_gen)
+        else:
+            pos.epoch = pos.batch = 0
+        pos.experience = i
+
+        data = strategy.train_dataset(exp)
+        epochs = 1 if stream.online else trainer.epochs
+        batch_size = stream.batch_size if (stream.online and stream.batch_size) else trainer.batch_size
+        per_epoch = data.num_batches(batch_size, trainer.drop_last) if len(data) else 0
+        log({"event": "experience_start", "experience": i, "of": len(stream), "iteration": pos.iteration,
+             "iterations": per_epoch * epochs, "done": pos.epoch * per_epoch + pos.batch})
+        strategy.model.train()
+        loss_sum, loss_n = 0.0, 0
+
+        for epoch in range(pos.epoch, epochs):
+            pos.epoch = epoch
+            batches = data.batches(batch_size, shuffle=True, seed=epoch_seed(seed, i, epoch),
+                                   drop_last=trainer.drop_last, start=pos.batch) if len(data) else []
+            for batch in batches:
+                batch = batch.to(device, non_blocking=True)
+                batch.x = strategy.augment(batch.raw)
+
+                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+                    loss = strategy.training_step(batch)
+                value = float(loss.detach())
+                if value != value or value in (float("inf"), float("-inf")):
+                    last = checkpointer.path if checkpointer.path.exists() else "none written yet"
+                    raise UserError(
+                        f"The loss became {value} at iteration {pos.iteration + 1} (experience {i}, epoch {epoch}); "
+                        f"lower optimizer.lr or set trainer.clip_grad_norm, then resume from the last good "
+                        f"checkpoint ({last})."
+                    )
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                strategy.after_backward()
+                if trainer.clip_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(strategy.model.parameters(), trainer.clip_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                strategy.after_optimizer_step()
+                optimizer.zero_grad(set_to_none=True)
+                if scheduler is not None and trainer.scheduler_interval == "iteration":
+                    scheduler.step()
+
+                pos.batch += 1
+                pos.iteration += 1
+                loss_sum += value
+                loss_n += 1
+                log.step()
+                if pos.iteration % trainer.log_every == 0:
+                    log({"event": "train", "iteration": pos.iteration, "experience": i, "epoch": epoch,
+                         "loss": loss_sum / loss_n, "lr": optimizer.param_groups[0]["lr"]})
+                    loss_sum, loss_n = 0.0, 0
+                if evaluator.due(pos.iteration):
+                    evaluator.continual(pos.iteration, i)
+                if trainer.checkpoint_every and pos.iteration % trainer.checkpoint_every == 0:
+                    checkpoint("mid", optimizer, scheduler)
+            pos.batch = 0
+            if scheduler is not None and trainer.scheduler_interval == "epoch":
+                scheduler.step()
+
+        strategy.after_experience(exp)
+        row = evaluator.end_of_experience(i, pos.iteration)
+        log({"event": "experience_end", "experience": i, "iteration": pos.iteration, "accuracy": row})
+        pos.experience, pos.epoch, pos.batch = i + 1, 0, 0
+        checkpoint("end")
+    return pos

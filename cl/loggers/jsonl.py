@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from cl.errors import UserError
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else str(v)
+    return v
+
+
+class JsonlLogger:
+    """Appends one JSON object per event to `metrics.jsonl`. A resumed run first
+    truncates the file to the offset its checkpoint recorded, so the events after
+    the checkpoint are written once, not twice."""
+
+    essential = True
+
+    def __init__(self, path: str | Path, truncate_at: int | None = None):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if truncate_at is not None and self.path.exists():
+                os.truncate(self.path, truncate_at)
+            self.file = open(self.path, "a", encoding="utf-8")
+        except OSError as e:
+            raise UserError(f"Cannot write {self.path} ({e.strerror}); choose a writable run folder with hydra.run.dir=<dir>.") from e
+
+    def log(self, event: dict) -> None:
+        self.file.write(json.dumps({k: _clean(v) for k, v in event.items()}) + "\n")
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def offset(self) -> int:
+        self.file.flush()
+        return self.file.tell()
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()

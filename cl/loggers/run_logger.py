@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("cl")
+
+
+class RunLogger:
+    """Fans every event out to the sinks. Each event gets the run's wall time `t` (seconds)."""
+
+    def __init__(self, sinks):
+        self.sinks = [s for s in sinks if s is not None]
+        self.start = time.perf_counter()
+        self.time_offset = 0.0  # wall time of earlier segments of a resumed run
+
+    def __call__(self, event: dict) -> None:
+        event.setdefault("t", round(self.elapsed, 4))
+        for sink in list(self.sinks):
+            try:
+                sink.log(event)
+            except Exception as e:  # noqa: BLE001 - a logger must never kill a run
+                if getattr(sink, "essential", False):
+                    raise
+                log.warning("%s failed (%s: %s); it is switched off for the rest of the run.",
+                            type(sink).__name__, type(e).__name__, e)
+                self.sinks.remove(sink)
+
+    @property
+    def elapsed(self) -> float:
+        return self.time_offset + time.perf_counter() - self.start
+
+    def step(self, n: int = 1) -> None:
+        for sink in self.sinks:
+            step = getattr(sink, "step", None)
+            if step is not None:
+                step(n)
+
+    def flush(self) -> None:
+        for sink in self.sinks:
+            flush = getattr(sink, "flush", None)
+            if flush is not None:
+                flush()
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as e:  # noqa: BLE001
+                log.warning("%s failed to close: %s", type(sink).__name__, e)

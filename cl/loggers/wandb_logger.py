@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("cl")
+
+
+class WandbLogger:
+    """Mirrors events to Weights & Biases with the real client; `mode=offline` by
+    default (no account needed; `wandb sync` uploads later). Any failure, at start
+    or later, switches it off with one warning and the run goes on."""
+
+    def __init__(self, project: str = "cl", mode: str = "offline", entity: str | None = None,
+                 name: str | None = None, tags=None, dir: str | None = None, config: dict | None = None):
+        self.run = None
+        try:
+            import wandb
+
+            self.run = wandb.init(project=project, entity=entity, name=name, tags=list(tags or []),
+                                  mode=mode, dir=dir, config=config, reinit="finish_previous")
+        except Exception as e:  # noqa: BLE001 - wandb must never kill a run
+            log.warning("wandb could not start (%s: %s); the run continues without it.", type(e).__name__, e)
+
+    def log(self, event: dict) -> None:
+        if self.run is None:
+            return
+        kind = event.get("event")
+        step = event.get("iteration")
+        if kind == "train":
+            self.run.log({"train/loss": event["loss"], "train/lr": event.get("lr"), "experience": event["experience"]}, step=step)
+        elif kind == "eval":
+            tag = "full" if event.get("full") else "subset"
+            data = {f"eval_{tag}/acc_exp{event['eval_experience']}": event["accuracy"]}
+            if "accuracy_task_aware" in event:
+                data[f"eval_{tag}/acc_task_aware_exp{event['eval_experience']}"] = event["accuracy_task_aware"]
+            self.run.log(data, step=step)
+        elif kind == "run_end":
+            for k, v in (event.get("metrics") or {}).items():
+                self.run.summary[k] = v
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

@@ -1,0 +1,135 @@
+"""One run: build the pieces from the config, train, and write the run folder.
+
+    config.yaml         the resolved config
+    metrics.jsonl       every event, append-only (the source of truth)
+    results.json        the summary: protocol, accuracy matrix, metrics
+    accuracy_matrix.png
+    checkpoints/last.pt
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cl import engine
+from cl.errors import UserError
+from cl.evaluation import Evaluator
+from cl.evaluation import plots
+from cl.loggers import ConsoleLogger, JsonlLogger, RunLogger
+
+log = logging.getLogger("cl")
+
+CONFIG_FILE = "config.yaml"
+IGNORED_ON_RESUME = ("resume",)
+
+
+def diff_keys(a, b, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain containers."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            if k in IGNORED_ON_RESUME and not prefix:
+                continue
+            out += diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _plain(cfg: DictConfig, key: str):
+    node = OmegaConf.select(cfg, key)
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def load_resume(cfg: DictConfig, run_dir: Path, touched: list[str]) -> tuple[DictConfig, dict | None]:
+    """The saved config of `run_dir` (checked against the keys the command line set)
+    and its checkpoint, if one was written."""
+    saved_path = run_dir / CONFIG_FILE
+    if not saved_path.is_file():
+        raise UserError(f"resume={run_dir} holds no {CONFIG_FILE}; pass the folder of an earlier run (it has metrics.jsonl).")
+    saved = OmegaConf.load(saved_path)
+    new = OmegaConf.to_container(cfg, resolve=True)
+    old = OmegaConf.to_container(saved, resolve=True)
+    differing = []
+    for key in touched:
+        if key is None:  # a global override (experiment=...): compare everything
+            differing += diff_keys(new, old)
+        else:
+            differing += diff_keys(_plain(cfg, key), _plain(saved, key), f"{key}.")
+    differing = sorted(set(differing))
+    if differing:
+        raise UserError(
+            f"The config differs from the run being resumed at {', '.join(differing[:10])}"
+            f"{' ...' if len(differing) > 10 else ''}; resume with `resume={run_dir}` alone, or start a new run."
+        )
+    saved.resume = str(run_dir)
+    ckpt = run_dir / "checkpoints" / engine.CHECKPOINT
+    return saved, (engine.Checkpointer.load(ckpt) if ckpt.is_file() else None)
+
+
+def protocol(cfg: DictConfig, stream, model, evaluator: Evaluator, trainer: engine.Trainer) -> dict:
+    describe = getattr(model, "describe", None)
+    return {
+        **stream.protocol(),
+        **(describe() if describe else {"backbone": type(model).__name__, "pretrained": None}),
+        "strategy": cfg.strategy._target_.rsplit(".", 1)[-1],
+        "accuracy": "task-aware" if evaluator.primary_is_task_aware else "task-agnostic",
+        "evaluation": {
+            "split": evaluator.split,
+            "every": evaluator.every,
+            "subset": evaluator.subset_size,
+            "matrix": "full eval split of every experience at each experience end",
+        },
+        "epochs": 1 if stream.online else trainer.epochs,
+        "batch_size": (stream.batch_size or trainer.batch_size) if stream.online else trainer.batch_size,
+        "seed": cfg.seed,
+    }
+
+
+def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, console: bool = True) -> dict:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_state is None and not cfg.get("resume"):
+        (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    trainer = engine.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    device = engine.resolve_device(trainer.device)
+    engine.seed_everything(cfg.seed)
+    stream = instantiate(cfg.scenario, _convert_="all")
+    model = instantiate(cfg.model, input_shape=stream.input_shape)
+    optimizer = instantiate(cfg.optimizer)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    strategy = instantiate(cfg.strategy, model=model, optimizer=optimizer, scheduler=scheduler)
+
+    truncate = resume_state.get("metrics_offset") if resume_state else (0 if cfg.get("resume") else None)
+    jsonl = JsonlLogger(run_dir / "metrics.jsonl", truncate_at=truncate)
+    sinks = [jsonl, ConsoleLogger(enabled=console and cfg.logger.console)]
+    if cfg.logger.get("wandb"):
+        sinks.append(instantiate(cfg.logger.wandb, dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True)))
+    events = RunLogger(sinks)
+    if resume_state:
+        events.time_offset = resume_state.get("wall_time", 0.0)
+    evaluator = Evaluator(stream, strategy, events, seed=cfg.seed, device=device,
+                          **OmegaConf.to_container(cfg.evaluation, resolve=True))
+    proto = protocol(cfg, stream, model, evaluator, trainer)
+    if resume_state is None:
+        events({"event": "run_start", "protocol": proto, "device": str(device)})
+    else:
+        events({"event": "resume", "iteration": resume_state["position"]["iteration"]})
+
+    try:
+        position = engine.train(stream, strategy, evaluator, events, trainer,
+                                engine.Checkpointer(run_dir / "checkpoints", jsonl=jsonl), cfg.seed, resume_state)
+        results = {"protocol": proto, **evaluator.results(), "iterations": position.iteration}
+        events({"event": "run_end", "iteration": position.iteration, "metrics": results["metrics"],
+                "wall_time": events.elapsed, "eval_time": evaluator.eval_seconds})
+    finally:
+        events.close()
+
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    title = f"{proto['strategy']} on {stream.name} {stream.shape_name} ({results['accuracy']})"
+    plots.accuracy_matrix(results["accuracy_matrix"], run_dir / "accuracy_matrix.png", title)
+    return results

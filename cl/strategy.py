@@ -1,0 +1,107 @@
+"""The hook contract between methods and the engine.
+
+The engine owns the loop, devices, optimizer stepping, AMP, clipping,
+schedules, counters, evaluation, logging and checkpoints. A strategy owns what
+makes a method the method, through the hooks below; the base class is plain
+fine-tuning with cross-entropy, so a method overrides only what differs.
+
+Order of calls (see `cl.engine.train`):
+
+    setup(stream)                                   once, model already on device
+    for each experience:
+        before_experience(exp)
+        configure_optimizer(exp)                    -> (optimizer, scheduler)
+        for each batch of train_dataset(exp):       batch.x augmented, batch.raw stored form
+            loss = training_step(batch)
+            loss.backward(); after_backward()
+            optimizer.step(); after_optimizer_step(); optimizer.zero_grad()
+        after_experience(exp)
+    predict(batch)                                  at every evaluation, under inference_mode
+
+Attributes the engine sets before `setup`: `device`, and `augment(raw) -> x`,
+which applies the stream's train augmentation with the run's generator (replay
+strategies use it on buffer samples).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cl.stream import Batch, Experience, Stream, TensorData
+
+
+class Strategy:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., object] | None = None,
+    ):
+        self.model = model
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+        self.stream: Stream | None = None
+        self.experience: Experience | None = None
+        self.device = torch.device("cpu")
+        self.augment: Callable[[Tensor], Tensor] = lambda raw: raw
+
+    # ---- hooks -------------------------------------------------------------
+    def setup(self, stream: Stream) -> None:
+        """Once, before training: the model is on `self.device`."""
+        self.stream = stream
+
+    def before_experience(self, exp: Experience) -> None:
+        """A new experience starts. The base grows the head to every class seen so far."""
+        self.experience = exp
+        grow = getattr(self.model, "grow", None)
+        if grow is not None and self.stream.setting != "instruction":
+            grow(len(self.stream.classes_upto(exp.index)))
+
+    def train_dataset(self, exp: Experience) -> TensorData:
+        """The data the engine iterates for this experience (joint training widens it)."""
+        return exp.train
+
+    def training_step(self, batch: Batch) -> Tensor:
+        return F.cross_entropy(self.model(batch.x), batch.y)
+
+    def after_backward(self) -> None:
+        """Gradients exist and are unscaled (mask or read them here)."""
+
+    def after_optimizer_step(self) -> None:
+        """After `optimizer.step()`, before `zero_grad()`: gradients are still populated."""
+
+    def after_experience(self, exp: Experience) -> None:
+        """The experience's last step is done."""
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Tensor:
+        """Logits over the labels seen so far (columns = remapped class labels)."""
+        return self.model(batch.x)
+
+    def parameters_to_optimize(self) -> Iterable:
+        """Parameters, or param-group dicts, for this experience's optimizer."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def configure_optimizer(self, exp: Experience):
+        self.optimizer = self.optimizer_factory(self.parameters_to_optimize())
+        self.scheduler = self.scheduler_factory(self.optimizer) if self.scheduler_factory else None
+        return self.optimizer, self.scheduler
+
+    # ---- checkpoint ------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs besides the optimizer and scheduler
+        (the engine saves those). Subclasses extend the dict."""
+        return {"model": self.model.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+
+    # ---- helpers for subclasses -------------------------------------------------
+    @property
+    def experience_index(self) -> int:
+        return -1 if self.experience is None else self.experience.index

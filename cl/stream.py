@@ -1,0 +1,199 @@
+"""The data contract between scenarios and the engine: Batch, TensorData, Experience, Stream.
+
+Scenarios build a `Stream`; the engine iterates its experiences and asks each
+dataset for `Batch`es. Images stay in memory as uint8 NCHW tensors; augmentation
+runs later, batched on the device (`cl.transforms`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """One minibatch. `x` is what the model eats (augmented on the device by the
+    engine), `raw` the stored form before augmentation (what replay buffers keep),
+    `y` the labels, `t` the task label of every sample. `extra` carries anything a
+    scenario adds (attention masks for language models, sample indices)."""
+
+    x: Tensor
+    y: Tensor
+    t: Tensor
+    raw: Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.y.shape[0]
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        def move(v):
+            return v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v
+
+        return Batch(
+            x=move(self.x),
+            y=move(self.y),
+            t=move(self.t),
+            raw=move(self.raw),
+            extra={k: move(v) for k, v in self.extra.items()},
+        )
+
+
+def _epoch_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed) % (2**63))
+
+
+class TensorData:
+    """In-memory samples: `x` (uint8 images N×C×H×W, or any tensor), labels `y`, task labels `t`.
+
+    `batches` yields contiguous slices of a permutation drawn from `seed`; it does
+    no per-sample Python work, so its cost does not grow with the dataset.
+    """
+
+    def __init__(self, x: Tensor, y: Tensor, t: Tensor | None = None):
+        if len(x) != len(y):
+            raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+        self.x = x
+        self.y = y.long()
+        self.t = torch.zeros_like(self.y) if t is None else t.long()
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    @property
+    def targets(self) -> Tensor:
+        return self.y
+
+    def subset(self, indices: Tensor | Sequence[int]) -> "TensorData":
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return TensorData(self.x[idx], self.y[idx], self.t[idx])
+
+    def with_task(self, task: int) -> "TensorData":
+        return TensorData(self.x, self.y, torch.full_like(self.y, task))
+
+    @staticmethod
+    def concat(parts: Sequence["TensorData"]) -> "TensorData":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        return TensorData(
+            torch.cat([p.x for p in parts]),
+            torch.cat([p.y for p in parts]),
+            torch.cat([p.t for p in parts]),
+        )
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        return n // batch_size if drop_last else -(-n // batch_size)
+
+    def batches(
+        self,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        seed: int = 0,
+        drop_last: bool = False,
+        start: int = 0,
+    ) -> Iterator[Batch]:
+        """Yield batches; with `shuffle`, in the order of a permutation drawn from `seed`.
+        `start` skips that many batches (how a resumed run continues mid-epoch)."""
+        n = len(self)
+        order = torch.randperm(n, generator=_epoch_generator(seed)) if shuffle else None
+        for b in range(start, self.num_batches(batch_size, drop_last)):
+            if order is None:
+                sl = slice(b * batch_size, min(n, (b + 1) * batch_size))
+                x, y, t = self.x[sl], self.y[sl], self.t[sl]
+            else:
+                idx = order[b * batch_size : (b + 1) * batch_size]
+                x, y, t = self.x[idx], self.y[idx], self.t[idx]
+            yield Batch(x=x, y=y, t=t, raw=x)
+
+    def nbytes(self) -> int:
+        return sum(v.element_size() * v.nelement() for v in (self.x, self.y, self.t))
+
+
+@dataclass
+class Experience:
+    """One step of the stream: its classes (labels after the class-order remap),
+    train and eval data, and its task label. `valid` holds the validation split
+    held out from train, when the scenario asks for one."""
+
+    index: int
+    classes: list[int]
+    train: TensorData
+    eval: TensorData
+    task_label: int
+    name: str = ""
+    valid: TensorData | None = None
+
+
+@dataclass
+class Stream:
+    """An ordered list of experiences plus what describes them.
+
+    Labels are remapped so that label k is the k-th class of `class_order`:
+    each experience's classes are contiguous, and `class_order[k]` is the
+    dataset's original class id of label k.
+    """
+
+    experiences: list[Experience]
+    setting: str  # "class" | "task" | "domain" | "instruction"
+    name: str
+    num_classes: int
+    input_shape: tuple[int, ...]
+    class_order: list[int] | None = None
+    class_order_seed: int | None = None
+    base: int | None = None
+    increment: int | None = None
+    train_transform: Callable | None = None
+    eval_transform: Callable | None = None
+    online: bool = False
+    batch_size: int | None = None  # the stream batch of an online scenario
+    info: dict = field(default_factory=dict)  # dataset, pool, pretraining... for results.json
+
+    def __iter__(self) -> Iterator[Experience]:
+        return iter(self.experiences)
+
+    def __len__(self) -> int:
+        return len(self.experiences)
+
+    def __getitem__(self, i: int) -> Experience:
+        return self.experiences[i]
+
+    @property
+    def task_aware(self) -> bool:
+        """Whether predictions may use the task label (task-incremental)."""
+        return self.setting == "task"
+
+    @property
+    def shape_name(self) -> str:
+        if self.base is None or self.increment is None:
+            return f"{len(self)} experiences"
+        return f"B{self.base}Inc{self.increment}"
+
+    def classes_upto(self, i: int) -> list[int]:
+        seen: list[int] = []
+        for e in self.experiences[: i + 1]:
+            seen.extend(c for c in e.classes if c not in seen)
+        return seen
+
+    def protocol(self) -> dict:
+        """What results.json states about the scenario."""
+        return {
+            "setting": self.setting,
+            "scenario": self.name,
+            "shape": self.shape_name,
+            "num_experiences": len(self),
+            "num_classes": self.num_classes,
+            "classes_per_experience": [len(e.classes) for e in self.experiences],
+            "class_order": self.class_order,
+            "class_order_seed": self.class_order_seed,
+            "online": self.online,
+            **self.info,
+        }
+
+    def replace(self, **changes) -> "Stream":
+        return replace(self, **changes)

@@ -1,0 +1,1 @@
+"""Scenario builders: a dataset in, a `cl.stream.Stream` out."""

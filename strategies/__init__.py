@@ -1,0 +1,1 @@
+"""Methods, one module each, on the hooks of `cl.strategy.Strategy`."""

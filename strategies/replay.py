@@ -1,0 +1,112 @@
+"""Rehearsal with a reservoir buffer of raw (uint8) samples, augmented when replayed.
+
+- ER (Chaudhry et al. 2019): the stream batch and a replay batch, one forward,
+  one cross-entropy. `new_weight=λ` instead weighs λ·CE(new) + (1-λ)·CE(replay)
+  (the form De Lange et al. 2023 use).
+- ER-ACE (Caccia et al. 2022): the stream batch's cross-entropy sees only the
+  logits of the classes present in that batch (asymmetric CE); the replay batch
+  gets the full cross-entropy. Applied from the first experience on, as in the paper
+  (Mammoth's er_ace starts masking at the second task).
+- DER++ (Buzzega et al. 2020): CE on the stream batch, α·MSE between the current
+  and the stored logits of one replay batch, β·CE on a second replay batch. The
+  stored logits are those of the augmented input when it entered the buffer; with
+  a growing head, only the columns that existed then are compared.
+
+Samples enter the buffer after the replay batch is drawn, so a step never replays
+its own inputs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cl.stream import Batch
+from cl.strategy import Strategy
+from strategies.buffer import ReservoirBuffer
+
+
+class ER(Strategy):
+    def __init__(self, model, optimizer, scheduler=None, mem_size: int = 500,
+                 replay_batch_size: int = 32, new_weight: float | None = None, seed: int = 0):
+        super().__init__(model, optimizer, scheduler)
+        self.mem_size = mem_size
+        self.replay_batch_size = replay_batch_size
+        self.new_weight = new_weight
+        self.seed = seed
+        self.buffer: ReservoirBuffer | None = None
+
+    def setup(self, stream):
+        super().setup(stream)
+        self.buffer = ReservoirBuffer(self.mem_size, self.device, self.seed, logit_width=stream.num_classes)
+
+    def replay(self) -> dict[str, Tensor] | None:
+        """A replay batch, augmented like the stream batch, or None while the buffer is empty."""
+        if len(self.buffer) == 0:
+            return None
+        r = self.buffer.sample(self.replay_batch_size)
+        r["x"] = self.augment(r["x"])
+        return r
+
+    def training_step(self, batch: Batch) -> Tensor:
+        r = self.replay()
+        if r is None:
+            loss = F.cross_entropy(self.model(batch.x), batch.y)
+        elif self.new_weight is None:
+            logits = self.model(torch.cat([batch.x, r["x"]]))
+            loss = F.cross_entropy(logits, torch.cat([batch.y, r["y"]]))
+        else:
+            logits = self.model(torch.cat([batch.x, r["x"]]))
+            n = len(batch)
+            loss = self.new_weight * F.cross_entropy(logits[:n], batch.y) + (1 - self.new_weight) * F.cross_entropy(
+                logits[n:], r["y"]
+            )
+        self.buffer.add(batch.raw, batch.y, batch.t)
+        return loss
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "buffer": self.buffer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.buffer.load_state_dict(state["buffer"])
+
+
+def asymmetric_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy over only the classes present in `y` (ER-ACE's loss on incoming data)."""
+    present = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+    present[y] = True
+    return F.cross_entropy(logits.masked_fill(~present, torch.finfo(logits.dtype).min), y)
+
+
+class ERACE(ER):
+    def training_step(self, batch: Batch) -> Tensor:
+        r = self.replay()
+        loss = asymmetric_cross_entropy(self.model(batch.x), batch.y)
+        if r is not None:
+            loss = loss + F.cross_entropy(self.model(r["x"]), r["y"])
+        self.buffer.add(batch.raw, batch.y, batch.t)
+        return loss
+
+
+class DERPP(ER):
+    def __init__(self, model, optimizer, scheduler=None, mem_size: int = 500, replay_batch_size: int = 32,
+                 alpha: float = 0.1, beta: float = 0.5, seed: int = 0):
+        super().__init__(model, optimizer, scheduler, mem_size, replay_batch_size, None, seed)
+        self.alpha = alpha
+        self.beta = beta
+
+    def training_step(self, batch: Batch) -> Tensor:
+        logits = self.model(batch.x)
+        loss = F.cross_entropy(logits, batch.y)
+        r = self.replay()
+        if r is not None:
+            out = self.model(r["x"])
+            width = out.shape[1]
+            stored = r["logits"][:, :width]
+            mask = torch.arange(width, device=out.device)[None, :] < r["logit_valid"][:, None]
+            loss = loss + self.alpha * ((out - stored) ** 2 * mask).sum() / mask.sum().clamp(min=1)
+            r2 = self.replay()
+            loss = loss + self.beta * F.cross_entropy(self.model(r2["x"]), r2["y"])
+        self.buffer.add(batch.raw, batch.y, batch.t, logits=logits.detach())
+        return loss
