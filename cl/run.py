@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -70,6 +72,24 @@ def load_resume(cfg: DictConfig, run_dir: Path, touched: list[str]) -> tuple[Dic
     return saved, (engine.Checkpointer.load(ckpt) if ckpt.is_file() else None)
 
 
+def build(cfg: DictConfig, group: str, **kwargs):
+    """`instantiate(cfg[group])`, with a wrong parameter answered in one sentence."""
+    try:
+        return instantiate(cfg[group], **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+        target = cfg[group].get("_target_", group)
+        if bad:
+            raise UserError(
+                f"{group}.{bad.group(1)} is not a parameter of {target}; remove it (a preset may have set it "
+                f"for another {group}) or choose a {group} that takes it."
+            ) from None
+        raise
+
+
 def protocol(cfg: DictConfig, stream, model, evaluator: Evaluator, trainer: engine.Trainer) -> dict:
     describe = getattr(model, "describe", None)
     return {
@@ -98,11 +118,11 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
     trainer = engine.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True))
     device = engine.resolve_device(trainer.device)
     engine.seed_everything(cfg.seed)
-    stream = instantiate(cfg.scenario, _convert_="all")
-    model = instantiate(cfg.model, input_shape=stream.input_shape)
-    optimizer = instantiate(cfg.optimizer)
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    strategy = instantiate(cfg.strategy, model=model, optimizer=optimizer, scheduler=scheduler)
+    stream = build(cfg, "scenario", _convert_="all")
+    model = build(cfg, "model", input_shape=stream.input_shape)
+    optimizer = build(cfg, "optimizer")
+    scheduler = build(cfg, "scheduler") if cfg.get("scheduler") else None
+    strategy = build(cfg, "strategy", model=model, optimizer=optimizer, scheduler=scheduler)
 
     truncate = resume_state.get("metrics_offset") if resume_state else (0 if cfg.get("resume") else None)
     jsonl = JsonlLogger(run_dir / "metrics.jsonl", truncate_at=truncate)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ def _mnist_like(name: str, tv_class: str, root: str, download: bool, hint: str) 
     or the raw IDX files directly in `root` (`.gz` or not, as the Debian package ships them)."""
     import torchvision
 
-    root_p = Path(root).expanduser()
+    root_p = Path(root).expanduser().resolve()
     raw_dir = root_p / tv_class / "raw"
     flat = all(_find_idx(root_p, f) for pair in IDX_FILES.values() for f in pair)
     if flat:
@@ -151,7 +152,15 @@ def _cifar(name: str, tv_class: str, folder: str, root: str, download: bool) -> 
         def _check_integrity(self) -> bool:
             return all((Path(self.root) / self.base_folder / f).is_file() for f, _ in self.train_list + self.test_list)
 
-    root_p = Path(root).expanduser()
+        def _load_meta(self) -> None:
+            path = Path(self.root) / self.base_folder / self.meta["filename"]
+            if not path.is_file():
+                raise RuntimeError(f"{path} is missing")
+            with open(path, "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
+    root_p = Path(root).expanduser().resolve()
     try:
         parts = [Loader(str(root_p), train=t, download=download) for t in (True, False)]
     except RuntimeError as e:
@@ -184,8 +193,8 @@ def cifar100(root: str, download: bool = True) -> ImageDataset:
 def _decode_folder(folder: Path, classes: list[str], size: int, workers: int) -> TensorData:
     """Decode every image of an ImageFolder tree to uint8, resized (shorter side) to
     `size` and centre-cropped to size×size, so the split fits one tensor."""
+    from PIL import Image
     from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
-    from torchvision.io import ImageReadMode, decode_image
     from torchvision.transforms.v2 import functional as TF
 
     class_to_idx = {c: i for i, c in enumerate(classes)}
@@ -198,7 +207,8 @@ def _decode_folder(folder: Path, classes: list[str], size: int, workers: int) ->
             return len(samples)
 
         def __getitem__(self, i):
-            img = decode_image(samples[i][0], mode=ImageReadMode.RGB)
+            with Image.open(samples[i][0]) as im:
+                img = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
             img = TF.resize(img, size, antialias=True)
             return TF.center_crop(img, [size, size])
 
@@ -226,7 +236,7 @@ def image_folder(
     of the train split. Images are stored at `size`×`size` (about 196 KB each at 256);
     `cache_dir` keeps the decoded tensors so the next run skips decoding.
     """
-    root_p = Path(root).expanduser()
+    root_p = Path(root).expanduser().resolve()
     train_p, test_p = root_p / train_dir, root_p / test_dir
     if not train_p.is_dir() or not test_p.is_dir():
         raise UserError(
