@@ -76,6 +76,8 @@ class Position:
     batch: int = 0
     iteration: int = 0
     phase: str = "start"
+    loss_sum: float = 0.0  # the running loss since the last train event
+    loss_n: int = 0
 
 
 @dataclass
@@ -160,6 +162,7 @@ def train(
         if pos.phase == "end":
             strategy.load_state_dict(resume["strategy"])
             _set_rng_state(resume["rng"], augment_gen)
+            log({"event": "resume", "experience": pos.experience, "iteration": pos.iteration})
 
     def checkpoint(phase: str, optimizer=None, scheduler=None) -> None:
         pos.phase = phase
@@ -188,17 +191,18 @@ def train(
             scaler.load_state_dict(resume["scaler"])
             _set_rng_state(resume["rng"], augment_gen)
         else:
-            pos.epoch = pos.batch = 0
+            pos.epoch = pos.batch = pos.loss_n = 0
+            pos.loss_sum = 0.0
         pos.experience = i
 
         data = strategy.train_dataset(exp)
         epochs = 1 if stream.online else trainer.epochs
         batch_size = stream.batch_size if (stream.online and stream.batch_size) else trainer.batch_size
         per_epoch = data.num_batches(batch_size, trainer.drop_last) if len(data) else 0
-        log({"event": "experience_start", "experience": i, "of": len(stream), "iteration": pos.iteration,
-             "iterations": per_epoch * epochs, "done": pos.epoch * per_epoch + pos.batch})
+        resumed_here = resume is not None and pos.phase == "mid" and i == pos.experience and pos.iteration > 0
+        log({"event": "resume" if resumed_here else "experience_start", "experience": i, "of": len(stream),
+             "iteration": pos.iteration, "iterations": per_epoch * epochs, "done": pos.epoch * per_epoch + pos.batch})
         strategy.model.train()
-        loss_sum, loss_n = 0.0, 0
 
         for epoch in range(pos.epoch, epochs):
             pos.epoch = epoch
@@ -232,13 +236,13 @@ def train(
 
                 pos.batch += 1
                 pos.iteration += 1
-                loss_sum += value
-                loss_n += 1
+                pos.loss_sum += value
+                pos.loss_n += 1
                 log.step()
                 if pos.iteration % trainer.log_every == 0:
                     log({"event": "train", "iteration": pos.iteration, "experience": i, "epoch": epoch,
-                         "loss": loss_sum / loss_n, "lr": optimizer.param_groups[0]["lr"]})
-                    loss_sum, loss_n = 0.0, 0
+                         "loss": pos.loss_sum / pos.loss_n, "lr": optimizer.param_groups[0]["lr"]})
+                    pos.loss_sum, pos.loss_n = 0.0, 0
                 if evaluator.due(pos.iteration):
                     evaluator.continual(pos.iteration, i)
                 if trainer.checkpoint_every and pos.iteration % trainer.checkpoint_every == 0:

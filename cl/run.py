@@ -137,8 +137,6 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
     proto = protocol(cfg, stream, model, evaluator, trainer)
     if resume_state is None:
         events({"event": "run_start", "protocol": proto, "device": str(device)})
-    else:
-        events({"event": "resume", "iteration": resume_state["position"]["iteration"]})
 
     try:
         position = engine.train(stream, strategy, evaluator, events, trainer,

@@ -208,7 +208,7 @@ def _decode_folder(folder: Path, classes: list[str], size: int, workers: int) ->
 
         def __getitem__(self, i):
             with Image.open(samples[i][0]) as im:
-                img = torch.from_numpy(np.asarray(im.convert("RGB"))).permute(2, 0, 1)
+                img = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
             img = TF.resize(img, size, antialias=True)
             return TF.center_crop(img, [size, size])
 

@@ -17,7 +17,7 @@ class ConsoleLogger:
         if not self.enabled:
             return
         kind = event.get("event")
-        if kind == "experience_start":
+        if kind in ("experience_start", "resume") and "iterations" in event:
             self._close_bar()
             self.progress = Progress(
                 TextColumn("[bold]experience {task.fields[exp]}/{task.fields[of]}"),

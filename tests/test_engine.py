@@ -1,0 +1,67 @@
+"""The whole run: determinism from one seed, and resuming a killed run to the same numbers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cl.run import load_resume, run
+from tests.conftest import compose, read_events, read_results, run_inprocess
+from tests.helpers import Crash
+
+SMALL = [
+    "scenario.max_per_class=30", "scenario.max_per_class_eval=20", "model.backbone.hidden=[32]",
+    "trainer.epochs=2", "trainer.batch_size=10", "trainer.log_every=5",
+]
+
+
+def comparable(events):
+    """Events without wall times, and without the marker a resumed run adds."""
+    return [{k: v for k, v in e.items() if k not in ("t", "wall_time", "eval_time")}
+            for e in events if e["event"] != "resume"]
+
+
+def test_same_seed_same_results_and_different_seed_different_results(tmp_path):
+    a = run_inprocess(SMALL + ["seed=1"], tmp_path / "a")
+    b = run_inprocess(SMALL + ["seed=1"], tmp_path / "b")
+    c = run_inprocess(SMALL + ["seed=2"], tmp_path / "c")
+    assert (tmp_path / "a" / "results.json").read_text() == (tmp_path / "b" / "results.json").read_text()
+    assert comparable(read_events(tmp_path / "a")) == comparable(read_events(tmp_path / "b"))
+    assert a["accuracy_matrix"] != c["accuracy_matrix"]
+    assert a["protocol"]["class_order"] != c["protocol"]["class_order"]
+
+
+@pytest.mark.parametrize("strategy,crash_at", [("ER", 23), ("DERPP", 60), ("ERACE", 48)])
+def test_killed_run_resumes_to_the_same_numbers(tmp_path, strategy, crash_at):
+    """Killed mid-experience (after a mid checkpoint), at the very last step, and
+    between checkpoints; the resumed run must end with the same results and the
+    same event log as an uninterrupted one."""
+    name = {"ER": "er", "DERPP": "derpp", "ERACE": "er_ace"}[strategy]
+    overrides = SMALL + [f"strategy={name}", f"strategy._target_=tests.helpers.Crashing{strategy}",
+                         "trainer.checkpoint_every=7", "scheduler=cosine"]
+    try:
+        Crash.crash_at = None
+        reference = run_inprocess(overrides, tmp_path / "ref")
+        Crash.crash_at = crash_at
+        with pytest.raises(KeyboardInterrupt):
+            run_inprocess(overrides, tmp_path / "killed")
+    finally:
+        Crash.crash_at = None
+    killed = tmp_path / "killed"
+    assert (killed / "checkpoints" / "last.pt").exists() and not (killed / "results.json").exists()
+    cfg, state = load_resume(compose(overrides), killed, [])
+    assert state["position"]["iteration"] < crash_at
+    resumed = run(cfg, killed, resume_state=state, console=False)
+    assert resumed == reference
+    assert json.loads((killed / "results.json").read_text()) == read_results(tmp_path / "ref")
+    assert comparable(read_events(killed)) == comparable(read_events(tmp_path / "ref"))
+
+
+def test_resume_with_a_different_config_lists_the_keys(tmp_path):
+    from cl.errors import UserError
+
+    run_inprocess(SMALL, tmp_path / "r")
+    with pytest.raises(UserError, match="optimizer.lr"):
+        load_resume(compose(SMALL + ["optimizer.lr=0.5"]), tmp_path / "r", ["optimizer.lr"])
+    with pytest.raises(UserError, match="no config.yaml"):
+        load_resume(compose(SMALL), tmp_path / "nothing", [])
