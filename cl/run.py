@@ -128,7 +128,11 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
     jsonl = JsonlLogger(run_dir / "metrics.jsonl", truncate_at=truncate)
     sinks = [jsonl, ConsoleLogger(enabled=console and cfg.logger.console)]
     if cfg.logger.get("wandb"):
-        sinks.append(instantiate(cfg.logger.wandb, dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True)))
+        try:
+            wandb = instantiate(cfg.logger.wandb, _partial_=True)
+            sinks.append(wandb(dir=str(run_dir), run_config=OmegaConf.to_container(cfg, resolve=True)))
+        except Exception as e:  # noqa: BLE001 - a logger never kills a run
+            log.warning("wandb could not start (%s); the run continues without it.", e)
     events = RunLogger(sinks)
     if resume_state:
         events.time_offset = resume_state.get("wall_time", 0.0)

@@ -11,13 +11,13 @@ class WandbLogger:
     or later, switches it off with one warning and the run goes on."""
 
     def __init__(self, project: str = "cl", mode: str = "offline", entity: str | None = None,
-                 name: str | None = None, tags=None, dir: str | None = None, config: dict | None = None):
+                 name: str | None = None, tags=None, dir: str | None = None, run_config: dict | None = None):
         self.run = None
         try:
             import wandb
 
             self.run = wandb.init(project=project, entity=entity, name=name, tags=list(tags or []),
-                                  mode=mode, dir=dir, config=config, reinit="finish_previous")
+                                  mode=mode, dir=dir, config=run_config, reinit="finish_previous")
         except Exception as e:  # noqa: BLE001 - wandb must never kill a run
             log.warning("wandb could not start (%s: %s); the run continues without it.", type(e).__name__, e)
 

@@ -1,0 +1,161 @@
+"""`python -m cl` end to end: every preset under debug=smoke on files in the real
+formats, the default experiment, the run folder a user reads, and bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CONF, cli, read_events, read_results
+
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+RUN_FILES = ["config.yaml", "metrics.jsonl", "results.json", "accuracy_matrix.png", "checkpoints/last.pt"]
+
+
+def assert_run_folder(run_dir: Path) -> dict:
+    for f in RUN_FILES:
+        assert (run_dir / f).is_file(), f"{f} missing from {run_dir}"
+    results = read_results(run_dir)
+    T = results["protocol"]["num_experiences"]
+    assert len(results["accuracy_matrix"]) == T and all(len(r) == T for r in results["accuracy_matrix"])
+    kinds = {e["event"] for e in read_events(run_dir)}
+    assert {"run_start", "experience_start", "eval", "experience_end", "run_end"} <= kinds
+    return results
+
+
+def test_every_preset_is_tested():
+    assert {"er_splitmnist", "finetune_cifar100", "er_cifar100", "derpp_cifar100"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_runs_end_to_end_under_smoke(preset, data_root, tmp_path):
+    out = tmp_path / "run"
+    r = cli([f"experiment={preset}", "debug=smoke", f"data_dir={data_root}", f"hydra.run.dir={out}"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = assert_run_folder(out)
+    assert results["protocol"]["seed"] == 0
+    assert "Run folder" in r.stdout
+
+
+@pytest.mark.parametrize("scenario,extra", [
+    ("split_imagenet_r", []),
+    ("split_cub", ["scenario.increment=2"]),
+    ("split_imagenet_subset", ["scenario.increment=2"]),
+])
+def test_image_folder_scenarios_read_a_png_tree(scenario, extra, data_root, tmp_path):
+    out = tmp_path / "run"
+    small = ["scenario.dataset.size=20", "scenario.train_transform.size=16", "scenario.eval_transform.resize=18",
+             "scenario.eval_transform.size=16", "scenario.dataset.workers=0"]
+    r = cli([f"scenario={scenario}", "model=resnet18_reduced", "strategy=er", "debug=smoke", f"data_dir={data_root}",
+             f"hydra.run.dir={out}", *small, *(extra or ["scenario.increment=3"])])
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = assert_run_folder(out)
+    assert results["protocol"]["dataset"] in ("imagenet_r", "cub", "imagenet_subset")
+
+
+@pytest.mark.parametrize("scenario,extra", [
+    ("split_mnist", []), ("split_fmnist", []), ("split_digits", []), ("split_cifar10", []),
+    ("permuted_mnist", ["scenario.num_experiences=3"]), ("rotated_mnist", ["scenario.num_experiences=3"]),
+    ("split_mnist5k", ["scenario.setting=task", "scenario.online=true", "scenario.batch_size=5"]),
+    ("split_cifar100", ["scenario.pool=evaluation", "scenario.increment=25", "scenario.validation=0.25",
+                        "evaluation.split=validation"]),
+])
+def test_scenarios_run_end_to_end(scenario, extra, data_root, tmp_path):
+    out = tmp_path / "run"
+    model = "resnet18_reduced" if "cifar" in scenario else "mlp"
+    r = cli([f"scenario={scenario}", f"model={model}", "strategy=er", "debug=smoke", f"data_dir={data_root}",
+             f"hydra.run.dir={out}", "scenario.dataset.root=" + str(data_root / "fashion-mnist")
+             if scenario == "split_fmnist" else "seed=0", *extra])
+    assert r.returncode == 0, r.stderr[-3000:]
+    p = assert_run_folder(out)["protocol"]
+    if "setting=task" in " ".join(extra):
+        assert p["setting"] == "task" and p["accuracy"] == "task-aware" and p["online"] and p["batch_size"] == 5
+    if "pool=evaluation" in " ".join(extra):
+        assert min(p["class_order"]) >= 50 and p["shape"] == "B0Inc25" and p["evaluation"]["split"] == "validation"
+
+
+def test_default_experiment_er_beats_finetune(tmp_path):
+    """`python -m cl` (ER on split MNIST, offline) and the same with finetune: ER must
+    clearly forget less. This is the acceptance comparison of the foundation issue."""
+    er = cli([f"hydra.run.dir={tmp_path / 'er'}"])
+    ft = cli(["strategy=finetune", f"hydra.run.dir={tmp_path / 'ft'}"])
+    assert er.returncode == 0 and ft.returncode == 0, er.stderr[-2000:] + ft.stderr[-2000:]
+    r_er, r_ft = assert_run_folder(tmp_path / "er"), assert_run_folder(tmp_path / "ft")
+    acc_er = r_er["metrics"]["final_average_accuracy"]
+    acc_ft = r_ft["metrics"]["final_average_accuracy"]
+    print(f"default experiment: ER {acc_er:.4f} vs finetune {acc_ft:.4f}")
+    assert acc_ft < 0.25  # finetune only remembers the last experience (1/5 of the classes)
+    assert acc_er > acc_ft + 0.4
+    assert r_er["protocol"]["scenario"] == "split_mnist_subset" and r_er["protocol"]["shape"] == "B0Inc2"
+    assert "accuracy (%)" in er.stdout and "final_average_accuracy" in er.stdout
+
+
+def test_wandb_logger_runs_offline_and_a_broken_wandb_does_not_kill_the_run(tmp_path):
+    ok = cli(["debug=smoke", "logger=wandb", f"hydra.run.dir={tmp_path / 'ok'}"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert list((tmp_path / "ok" / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
+    bad = cli(["debug=smoke", "logger=wandb", "logger.wandb.mode=no_such_mode", f"hydra.run.dir={tmp_path / 'bad'}"])
+    assert bad.returncode == 0, bad.stderr[-2000:]
+    assert "wandb could not start" in bad.stderr + bad.stdout
+    assert_run_folder(tmp_path / "bad")
+
+
+def test_resume_from_the_command_line_after_a_hard_kill(tmp_path):
+    out = tmp_path / "run"
+    args = ["debug=smoke", "strategy._target_=tests.helpers.CrashingER", "trainer.checkpoint_every=3",
+            "scenario.max_per_class=20", f"hydra.run.dir={out}"]
+    killed = cli(args, env={"CL_TEST_KILL_AT": "10"})
+    assert killed.returncode == 9 and not (out / "results.json").exists()
+    resumed = cli([f"resume={out}"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference = cli(args[:-1] + [f"hydra.run.dir={tmp_path / 'ref'}"])
+    assert reference.returncode == 0
+    assert read_results(out) == read_results(tmp_path / "ref")
+
+
+# ---- bad input: one sentence naming the fix, exit status 2, no traceback ---------------------
+
+def assert_one_sentence(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr
+    last = [line for line in r.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith("error: ")
+    for n in needles:
+        assert n in last, (n, last)
+
+
+def test_unknown_strategy_lists_the_valid_ones():
+    assert_one_sentence(cli(["strategy=nonsense"]), "Unknown strategy 'nonsense'", "er_ace", "derpp", "finetune")
+
+
+def test_unknown_scenario_lists_the_valid_ones():
+    assert_one_sentence(cli(["scenario=cifar1000"]), "Unknown scenario 'cifar1000'", "split_cifar100")
+
+
+def test_increment_that_does_not_divide_the_classes():
+    assert_one_sentence(cli(["scenario.increment=3", "debug=smoke"]), "does not divide", "scenario.increment=")
+
+
+def test_missing_dataset_says_where_to_put_it(tmp_path):
+    r = cli(["experiment=er_cifar100", "debug=smoke", f"data_dir={tmp_path}", "scenario.dataset.download=false"])
+    assert_one_sentence(r, "cifar-100-python", "download=true")
+
+
+def test_missing_dataset_with_download_on_and_no_network(tmp_path):
+    r = cli(["experiment=er_cifar100", "debug=smoke", f"data_dir={tmp_path}"])
+    assert_one_sentence(r, "downloading it failed")
+
+
+def test_nan_loss_names_the_iteration(tmp_path):
+    r = cli(["debug=smoke", "strategy._target_=tests.helpers.NaNLoss", "+strategy.at=4", f"hydra.run.dir={tmp_path}"])
+    assert_one_sentence(r, "iteration 4", "optimizer.lr")
+
+
+def test_parameter_a_strategy_does_not_take(tmp_path):
+    r = cli(["debug=smoke", "strategy=finetune", "+strategy.mem_size=10", f"hydra.run.dir={tmp_path}"])
+    assert_one_sentence(r, "strategy.mem_size is not a parameter")
+
+
+def test_non_positive_epochs(tmp_path):
+    assert_one_sentence(cli(["trainer.epochs=0", f"hydra.run.dir={tmp_path}"]), "trainer.epochs must be a positive")
