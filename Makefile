@@ -1,0 +1,44 @@
+# make demo   -> create .venv if absent, install, run the default experiment (offline)
+# make test   -> install if needed, run the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
+# Fashion-MNIST from Debian (offline, real data for the Fashion-MNIST presets); pinned.
+FMNIST_DEB := dataset-fashion-mnist=0.0~git20200523.55506a9-1
+
+.PHONY: install demo test test-slow bench data clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[test]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP) data
+
+# Installs the Debian Fashion-MNIST package when we can (root with apt); skipped otherwise.
+data:
+	@if [ -d /usr/share/datasets/fashion-mnist ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get update -qq && apt-get install -y -qq $(FMNIST_DEB)) >/dev/null 2>&1 \
+		|| echo "note: could not install $(FMNIST_DEB); Fashion-MNIST presets need scenario.dataset.root"; \
+	else echo "note: Fashion-MNIST not installed (sudo apt-get install $(FMNIST_DEB))"; fi
+
+demo: install
+	$(PY) -m cl
+
+test: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+test-slow: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
+
+bench: install
+	$(PY) benchmarks/engine_overhead.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache
