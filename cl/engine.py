@@ -203,6 +203,7 @@ def train(
         log({"event": "resume" if resumed_here else "experience_start", "experience": i, "of": len(stream),
              "iteration": pos.iteration, "iterations": per_epoch * epochs, "done": pos.epoch * per_epoch + pos.batch})
         strategy.model.train()
+        pending = False
 
         for epoch in range(pos.epoch, epochs):
             pos.epoch = epoch
@@ -246,10 +247,16 @@ def train(
                 if evaluator.due(pos.iteration):
                     evaluator.continual(pos.iteration, i)
                 if trainer.checkpoint_every and pos.iteration % trainer.checkpoint_every == 0:
-                    checkpoint("mid", optimizer, scheduler)
+                    if pos.batch < per_epoch:
+                        checkpoint("mid", optimizer, scheduler)
+                    else:  # the epoch's last step: checkpoint after the epoch-end schedule step
+                        pending = True
             pos.batch = 0
             if scheduler is not None and trainer.scheduler_interval == "epoch":
                 scheduler.step()
+            if pending:
+                pos.epoch, pending = epoch + 1, False
+                checkpoint("mid", optimizer, scheduler)
 
         strategy.after_experience(exp)
         row = evaluator.end_of_experience(i, pos.iteration)
