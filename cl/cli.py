@@ -29,8 +29,13 @@ def _run_dir(resume, default):
     return resume if resume not in (None, "", "null", "None") else default
 
 
+def _hydra_subdir(resume, default):
+    """`hydra.output_subdir`: none when resuming, so the original .hydra/ stays as it was."""
+    return default if resume in (None, "", "null", "None") else None
+
+
 def register_resolvers() -> None:
-    for name, fn in (("smoke", _smoke), ("cl.run_dir", _run_dir)):
+    for name, fn in (("smoke", _smoke), ("cl.run_dir", _run_dir), ("cl.hydra_subdir", _hydra_subdir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

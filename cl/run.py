@@ -116,6 +116,9 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
         (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     trainer = engine.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    lr = cfg.optimizer.get("lr")
+    if lr is not None and not lr > 0:
+        raise UserError(f"optimizer.lr must be positive, got {lr}.")
     device = engine.resolve_device(trainer.device)
     engine.seed_everything(cfg.seed)
     stream = build(cfg, "scenario", _convert_="all")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import os
 import pickle
 import struct
 from dataclasses import dataclass
@@ -201,6 +202,13 @@ def _decode_folder(folder: Path, classes: list[str], size: int, workers: int) ->
     samples = make_dataset(str(folder), class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     if not samples:
         raise UserError(f"No images under {folder}; expected {folder}/<class>/<image>.jpg|png.")
+    need = len(samples) * 3 * size * size
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > 0.8 * free:
+        raise UserError(
+            f"{len(samples)} images of {folder} at {size}x{size} need {need / 2**30:.1f} GiB in memory but only "
+            f"{free / 2**30:.1f} GiB are free; lower scenario.dataset.size or use a machine with more memory."
+        )
 
     class Files(torch.utils.data.Dataset):
         def __len__(self):
