@@ -10,6 +10,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cl.errors import UserError
@@ -110,6 +111,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
         results = run(cfg, run_dir, resume_state)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # one failed job must not stop the sweep: record it, report NaN to the sweeper
+            (Path(HydraConfig.get().runtime.output_dir) / "error.txt").write_text(f"{e}\n")
+            return float("nan")
         sys.exit(EXIT_BAD_INPUT)
     print_summary(results, run_dir)
     value = results["metrics"].get(cfg.get("objective", "average_incremental_accuracy"))

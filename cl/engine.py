@@ -41,26 +41,44 @@ class Trainer:
     log_every: int = 10
     checkpoint_every: int = 0  # iterations between mid-experience checkpoints (0: only at experience ends)
 
+    deterministic: bool = True  # deterministic kernels (cuDNN/cuBLAS); CPU runs are deterministic anyway
+
     def __post_init__(self):
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"trainer.{name} must be a positive integer, got {getattr(self, name)}.")
+        for name in ("epochs", "batch_size", "log_every", "checkpoint_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "checkpoint_every" else 1):
+                kind = "a non-negative" if name == "checkpoint_every" else "a positive"
+                raise UserError(f"trainer.{name} must be {kind} integer, got {value!r}.")
+        self.precision = str(self.precision)
         if self.precision not in ("32", "bf16", "16"):
             raise UserError(f"trainer.precision must be one of 32, bf16, 16, not {self.precision!r}.")
         if self.scheduler_interval not in ("epoch", "iteration"):
-            raise UserError("trainer.scheduler_interval must be epoch or iteration.")
+            raise UserError(f"trainer.scheduler_interval must be epoch or iteration, not {self.scheduler_interval!r}.")
+        if self.clip_grad_norm is not None and not (isinstance(self.clip_grad_norm, (int, float)) and self.clip_grad_norm > 0):
+            raise UserError(f"trainer.clip_grad_norm must be a positive number or null, got {self.clip_grad_norm!r}.")
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"trainer.device={name} is not a device; use auto, cpu, cuda or cuda:<index>.") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"trainer.device={name} but this machine has no CUDA GPU; use trainer.device=cpu or auto.")
+    return device
 
 
-def seed_everything(seed: int) -> None:
+def seed_everything(seed: int, deterministic: bool = True) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def epoch_seed(seed: int, experience: int, epoch: int) -> int:
@@ -163,6 +181,7 @@ def train(
             strategy.load_state_dict(resume["strategy"])
             _set_rng_state(resume["rng"], augment_gen)
             log({"event": "resume", "experience": pos.experience, "iteration": pos.iteration})
+    experience_rng = None  # random state when the current experience started (for mid-experience resumes)
 
     def checkpoint(phase: str, optimizer=None, scheduler=None) -> None:
         pos.phase = phase
@@ -174,6 +193,7 @@ def train(
             "wall_time": log.elapsed,
         }
         if phase == "mid":
+            state["experience_rng"] = experience_rng
             state["optimizer"] = optimizer.state_dict()
             state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
             state["scaler"] = scaler.state_dict()
@@ -181,10 +201,16 @@ def train(
 
     for i in range(pos.experience, len(stream)):
         exp = stream[i]
+        resuming = resume is not None and pos.phase == "mid" and i == pos.experience
+        if resuming:
+            # replay the experience's start exactly as it happened, then overwrite with the saved state
+            _set_rng_state(resume["experience_rng"], augment_gen)
+        experience_rng = _rng_state(augment_gen)
         strategy.before_experience(exp)
-        optimizer, scheduler = strategy.configure_optimizer(exp)
-        if resume is not None and pos.phase == "mid" and i == pos.experience:
+        if resuming:
             strategy.load_state_dict(resume["strategy"])
+        optimizer, scheduler = strategy.configure_optimizer(exp)
+        if resuming:
             optimizer.load_state_dict(resume["optimizer"])
             if scheduler is not None and resume.get("scheduler") is not None:
                 scheduler.load_state_dict(resume["scheduler"])
@@ -194,14 +220,16 @@ def train(
             pos.epoch = pos.batch = pos.loss_n = 0
             pos.loss_sum = 0.0
         pos.experience = i
+        params = [p for group in optimizer.param_groups for p in group["params"]]
 
         data = strategy.train_dataset(exp)
         epochs = 1 if stream.online else trainer.epochs
         batch_size = stream.batch_size if (stream.online and stream.batch_size) else trainer.batch_size
         per_epoch = data.num_batches(batch_size, trainer.drop_last) if len(data) else 0
-        resumed_here = resume is not None and pos.phase == "mid" and i == pos.experience and pos.iteration > 0
-        log({"event": "resume" if resumed_here else "experience_start", "experience": i, "of": len(stream),
+        log({"event": "resume" if resuming else "experience_start", "experience": i, "of": len(stream),
              "iteration": pos.iteration, "iterations": per_epoch * epochs, "done": pos.epoch * per_epoch + pos.batch})
+        if not resuming:
+            evaluator.experience_start(i, pos.iteration)
         strategy.model.train()
         pending = False
 
@@ -211,7 +239,8 @@ def train(
                                    drop_last=trainer.drop_last, start=pos.batch) if len(data) else []
             for batch in batches:
                 batch = batch.to(device, non_blocking=True)
-                batch.x = strategy.augment(batch.raw)
+                if batch.raw is not None:
+                    batch.x = strategy.augment(batch.raw)
 
                 with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
                     loss = strategy.training_step(batch)
@@ -227,12 +256,15 @@ def train(
                 scaler.unscale_(optimizer)
                 strategy.after_backward()
                 if trainer.clip_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(strategy.model.parameters(), trainer.clip_grad_norm)
+                    torch.nn.utils.clip_grad_norm_(params, trainer.clip_grad_norm)
+                scale = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
-                strategy.after_optimizer_step()
+                stepped = scaler.get_scale() >= scale  # fp16: a step with inf/nan gradients is skipped
+                if stepped:
+                    strategy.after_optimizer_step()
                 optimizer.zero_grad(set_to_none=True)
-                if scheduler is not None and trainer.scheduler_interval == "iteration":
+                if stepped and scheduler is not None and trainer.scheduler_interval == "iteration":
                     scheduler.step()
 
                 pos.batch += 1
@@ -244,8 +276,7 @@ def train(
                     log({"event": "train", "iteration": pos.iteration, "experience": i, "epoch": epoch,
                          "loss": pos.loss_sum / pos.loss_n, "lr": optimizer.param_groups[0]["lr"]})
                     pos.loss_sum, pos.loss_n = 0.0, 0
-                if evaluator.due(pos.iteration):
-                    evaluator.continual(pos.iteration, i)
+                evaluator.after_step(pos.iteration, i, epoch_end=pos.batch == per_epoch)
                 if trainer.checkpoint_every and pos.iteration % trainer.checkpoint_every == 0:
                     if pos.batch < per_epoch:
                         checkpoint("mid", optimizer, scheduler)
@@ -254,6 +285,7 @@ def train(
             pos.batch = 0
             if scheduler is not None and trainer.scheduler_interval == "epoch":
                 scheduler.step()
+            strategy.after_epoch(epoch)
             if pending:
                 pos.epoch, pending = epoch + 1, False
                 checkpoint("mid", optimizer, scheduler)

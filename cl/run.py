@@ -101,8 +101,12 @@ def protocol(cfg: DictConfig, stream, model, evaluator: Evaluator, trainer: engi
             "split": evaluator.split,
             "every": evaluator.every,
             "subset": evaluator.subset_size,
+            "resample": evaluator.resample,
             "matrix": "full eval split of every experience at each experience end",
+            "trace": "subset of each seen experience, every `every` iterations, at epoch ends and before each "
+                     "experience's first update" if evaluator.every else "none",
         },
+        "deterministic": trainer.deterministic,
         "epochs": 1 if stream.online else trainer.epochs,
         "batch_size": (stream.batch_size or trainer.batch_size) if stream.online else trainer.batch_size,
         "seed": cfg.seed,
@@ -120,7 +124,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
     if lr is not None and not lr > 0:
         raise UserError(f"optimizer.lr must be positive, got {lr}.")
     device = engine.resolve_device(trainer.device)
-    engine.seed_everything(cfg.seed)
+    engine.seed_everything(cfg.seed, trainer.deterministic)
     stream = build(cfg, "scenario", _convert_="all")
     model = build(cfg, "model", input_shape=stream.input_shape)
     optimizer = build(cfg, "optimizer")
@@ -150,11 +154,14 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
                                 engine.Checkpointer(run_dir / "checkpoints", jsonl=jsonl), cfg.seed, resume_state)
         results = {"protocol": proto, **evaluator.results(), "iterations": position.iteration}
         events({"event": "run_end", "iteration": position.iteration, "metrics": results["metrics"],
-                "wall_time": events.elapsed, "eval_time": evaluator.eval_seconds})
+                "wall_time": events.elapsed, "eval_time": evaluator.eval_seconds,
+                "matrix_eval_time": evaluator.matrix_seconds, "eval_share": evaluator.eval_share})
     finally:
         events.close()
 
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     title = f"{proto['strategy']} on {stream.name} {stream.shape_name} ({results['accuracy']})"
     plots.accuracy_matrix(results["accuracy_matrix"], run_dir / "accuracy_matrix.png", title)
+    if evaluator.trace:
+        plots.stability_gap(evaluator.trace, evaluator.ends, run_dir / "stability_gap.png", title)
     return results

@@ -11,16 +11,25 @@ Order of calls (see `cl.engine.train`):
     for each experience:
         before_experience(exp)
         configure_optimizer(exp)                    -> (optimizer, scheduler)
-        for each batch of train_dataset(exp):       batch.x augmented, batch.raw stored form
-            loss = training_step(batch)
-            loss.backward(); after_backward()
-            optimizer.step(); after_optimizer_step(); optimizer.zero_grad()
+        for each epoch:
+            for each batch of train_dataset(exp):   batch.x augmented, batch.raw stored form
+                loss = training_step(batch)
+                loss.backward(); after_backward()
+                optimizer.step(); after_optimizer_step(); optimizer.zero_grad()
+            after_epoch(epoch)
         after_experience(exp)
     predict(batch)                                  at every evaluation, under inference_mode
 
 Attributes the engine sets before `setup`: `device`, and `augment(raw) -> x`,
 which applies the stream's train augmentation with the run's generator (replay
 strategies use it on buffer samples).
+
+Resume: the engine calls `setup(stream)`, then, for a checkpoint taken inside
+experience k, `before_experience(k)` (with the random state it had then) followed
+by `load_state_dict`; for a checkpoint at the end of experience k, only
+`load_state_dict` before `before_experience(k+1)`. So `load_state_dict` must
+rebuild whatever earlier experiences created (per-task heads, masks, adapter
+snapshots) from the saved state, as `IncrementalClassifier` does for its rows.
 """
 from __future__ import annotations
 
@@ -56,24 +65,35 @@ class Strategy:
         self.stream = stream
 
     def before_experience(self, exp: Experience) -> None:
-        """A new experience starts. The base grows the head to every class seen so far."""
+        """A new experience starts. The base grows the head to every class seen so far
+        (to all classes at once if the model has `fixed_head=True`)."""
         self.experience = exp
         grow = getattr(self.model, "grow", None)
         if grow is not None and self.stream.setting != "instruction":
-            grow(len(self.stream.classes_upto(exp.index)))
+            fixed = getattr(self.model, "fixed_head", False)
+            grow(self.stream.num_classes if fixed else len(self.stream.classes_upto(exp.index)))
 
     def train_dataset(self, exp: Experience) -> TensorData:
         """The data the engine iterates for this experience (joint training widens it)."""
         return exp.train
 
+    def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        """The model's training forward. Strategies call this rather than `self.model`,
+        so a wrapper (e.g. continual batch norm, which needs each sample's task) can
+        see every forward with its task labels."""
+        return self.model(x)
+
     def training_step(self, batch: Batch) -> Tensor:
-        return F.cross_entropy(self.model(batch.x), batch.y)
+        return F.cross_entropy(self.forward(batch.x, batch.t), batch.y)
 
     def after_backward(self) -> None:
         """Gradients exist and are unscaled (mask or read them here)."""
 
     def after_optimizer_step(self) -> None:
         """After `optimizer.step()`, before `zero_grad()`: gradients are still populated."""
+
+    def after_epoch(self, epoch: int) -> None:
+        """An epoch of the current experience ended (after its scheduler step)."""
 
     def after_experience(self, exp: Experience) -> None:
         """The experience's last step is done."""

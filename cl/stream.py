@@ -33,11 +33,12 @@ class Batch:
         def move(v):
             return v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v
 
+        x = move(self.x)
         return Batch(
-            x=move(self.x),
+            x=x,
             y=move(self.y),
             t=move(self.t),
-            raw=move(self.raw),
+            raw=x if self.raw is self.x else move(self.raw),
             extra={k: move(v) for k, v in self.extra.items()},
         )
 
@@ -153,6 +154,7 @@ class Stream:
     online: bool = False
     batch_size: int | None = None  # the stream batch of an online scenario
     info: dict = field(default_factory=dict)  # dataset, pool, pretraining... for results.json
+    scorer: Callable | None = None  # (predict output, batch, classes, task_aware) -> (correct, correct_task_aware)
 
     def __iter__(self) -> Iterator[Experience]:
         return iter(self.experiences)

@@ -5,15 +5,18 @@
   (the form De Lange et al. 2023 use).
 - ER-ACE (Caccia et al. 2022): the stream batch's cross-entropy sees only the
   logits of the classes present in that batch (asymmetric CE); the replay batch
-  gets the full cross-entropy. Applied from the first experience on, as in the paper
-  (Mammoth's er_ace starts masking at the second task).
+  gets the full cross-entropy. As in the official code (and Mammoth's er_ace, the
+  base of AdaB²N), masking and replay start with the second experience;
+  `from_first_experience=true` applies both from the first, as the paper's
+  equations read.
 - DER++ (Buzzega et al. 2020): CE on the stream batch, α·MSE between the current
   and the stored logits of one replay batch, β·CE on a second replay batch. The
   stored logits are those of the augmented input when it entered the buffer; with
   a growing head, only the columns that existed then are compared.
 
 Samples enter the buffer after the replay batch is drawn, so a step never replays
-its own inputs.
+its own inputs. The replay batch has `replay_batch_size` samples (null: as many
+as the stream batch, Mammoth's `minibatch_size` default).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cl.errors import UserError
 from cl.stream import Batch
 from cl.strategy import Strategy
 from strategies.buffer import ReservoirBuffer
@@ -28,8 +32,12 @@ from strategies.buffer import ReservoirBuffer
 
 class ER(Strategy):
     def __init__(self, model, optimizer, scheduler=None, mem_size: int = 500,
-                 replay_batch_size: int = 32, new_weight: float | None = None, seed: int = 0):
+                 replay_batch_size: int | None = None, new_weight: float | None = None, seed: int = 0):
         super().__init__(model, optimizer, scheduler)
+        if not isinstance(mem_size, int) or mem_size <= 0:
+            raise UserError(f"strategy.mem_size must be a positive integer, got {mem_size!r}.")
+        if replay_batch_size is not None and (not isinstance(replay_batch_size, int) or replay_batch_size <= 0):
+            raise UserError(f"strategy.replay_batch_size must be a positive integer or null, got {replay_batch_size!r}.")
         self.mem_size = mem_size
         self.replay_batch_size = replay_batch_size
         self.new_weight = new_weight
@@ -40,23 +48,23 @@ class ER(Strategy):
         super().setup(stream)
         self.buffer = ReservoirBuffer(self.mem_size, self.device, self.seed, logit_width=stream.num_classes)
 
-    def replay(self) -> dict[str, Tensor] | None:
+    def replay(self, n: int) -> dict[str, Tensor] | None:
         """A replay batch, augmented like the stream batch, or None while the buffer is empty."""
         if len(self.buffer) == 0:
             return None
-        r = self.buffer.sample(self.replay_batch_size)
+        r = self.buffer.sample(self.replay_batch_size or n)
         r["x"] = self.augment(r["x"])
         return r
 
     def training_step(self, batch: Batch) -> Tensor:
-        r = self.replay()
+        r = self.replay(len(batch))
         if r is None:
-            loss = F.cross_entropy(self.model(batch.x), batch.y)
+            loss = F.cross_entropy(self.forward(batch.x, batch.t), batch.y)
         elif self.new_weight is None:
-            logits = self.model(torch.cat([batch.x, r["x"]]))
+            logits = self.forward(torch.cat([batch.x, r["x"]]), torch.cat([batch.t, r["t"]]))
             loss = F.cross_entropy(logits, torch.cat([batch.y, r["y"]]))
         else:
-            logits = self.model(torch.cat([batch.x, r["x"]]))
+            logits = self.forward(torch.cat([batch.x, r["x"]]), torch.cat([batch.t, r["t"]]))
             n = len(batch)
             loss = self.new_weight * F.cross_entropy(logits[:n], batch.y) + (1 - self.new_weight) * F.cross_entropy(
                 logits[n:], r["y"]
@@ -80,33 +88,40 @@ def asymmetric_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
 
 
 class ERACE(ER):
+    def __init__(self, model, optimizer, scheduler=None, mem_size: int = 500, replay_batch_size: int | None = None,
+                 from_first_experience: bool = False, seed: int = 0):
+        super().__init__(model, optimizer, scheduler, mem_size, replay_batch_size, None, seed)
+        self.from_first_experience = from_first_experience
+
     def training_step(self, batch: Batch) -> Tensor:
-        r = self.replay()
-        loss = asymmetric_cross_entropy(self.model(batch.x), batch.y)
+        active = self.from_first_experience or self.experience_index > 0
+        logits = self.forward(batch.x, batch.t)
+        loss = asymmetric_cross_entropy(logits, batch.y) if active else F.cross_entropy(logits, batch.y)
+        r = self.replay(len(batch)) if active else None
         if r is not None:
-            loss = loss + F.cross_entropy(self.model(r["x"]), r["y"])
+            loss = loss + F.cross_entropy(self.forward(r["x"], r["t"]), r["y"])
         self.buffer.add(batch.raw, batch.y, batch.t)
         return loss
 
 
 class DERPP(ER):
-    def __init__(self, model, optimizer, scheduler=None, mem_size: int = 500, replay_batch_size: int = 32,
+    def __init__(self, model, optimizer, scheduler=None, mem_size: int = 500, replay_batch_size: int | None = None,
                  alpha: float = 0.1, beta: float = 0.5, seed: int = 0):
         super().__init__(model, optimizer, scheduler, mem_size, replay_batch_size, None, seed)
         self.alpha = alpha
         self.beta = beta
 
     def training_step(self, batch: Batch) -> Tensor:
-        logits = self.model(batch.x)
+        logits = self.forward(batch.x, batch.t)
         loss = F.cross_entropy(logits, batch.y)
-        r = self.replay()
+        r = self.replay(len(batch))
         if r is not None:
-            out = self.model(r["x"])
+            out = self.forward(r["x"], r["t"])
             width = out.shape[1]
             stored = r["logits"][:, :width]
             mask = torch.arange(width, device=out.device)[None, :] < r["logit_valid"][:, None]
             loss = loss + self.alpha * ((out - stored) ** 2 * mask).sum() / mask.sum().clamp(min=1)
-            r2 = self.replay()
-            loss = loss + self.beta * F.cross_entropy(self.model(r2["x"]), r2["y"])
+            r2 = self.replay(len(batch))
+            loss = loss + self.beta * F.cross_entropy(self.forward(r2["x"], r2["t"]), r2["y"])
         self.buffer.add(batch.raw, batch.y, batch.t, logits=logits.detach())
         return loss

@@ -111,7 +111,82 @@ def test_continual_evaluation_uses_a_fixed_seeded_subset():
     a = Evaluator(s, TableStrategy(), subset=7, seed=3)
     b = Evaluator(s, TableStrategy(), subset=7, seed=3)
     c = Evaluator(s, TableStrategy(), subset=7, seed=4)
-    assert all(torch.equal(x, y) for x, y in zip(a.subsets, b.subsets))
-    assert not torch.equal(a.subsets[0], c.subsets[0])
+    assert all(torch.equal(x.x, y.x) for x, y in zip(a.subsets, b.subsets))
+    assert not torch.equal(a.subsets[0].x, c.subsets[0].x)
     assert all(len(x) == 7 for x in a.subsets)
     assert Evaluator(s, TableStrategy(), subset=100).subsets[0] is None  # smaller than the subset: all of it
+
+
+# ---- continual evaluation in real runs ------------------------------------------------------------
+from tests.conftest import read_events, read_results, run_inprocess  # noqa: E402
+
+SMALL = ["scenario.max_per_class=20", "scenario.max_per_class_eval=30", "model.backbone.hidden=[16]",
+         "trainer.batch_size=10", "trainer.epochs=2"]
+
+
+def test_every_iteration_and_every_seen_experience_is_evaluated(tmp_path):
+    res = run_inprocess(SMALL + ["evaluation.every=1", "evaluation.subset=25"], tmp_path)
+    events = read_events(tmp_path)
+    tracked = {(e["iteration"], e["eval_experience"]) for e in events if e["event"] == "eval" and not e["full"]}
+    per_exp = 2 * 40 // 10  # 2 epochs x 4 batches
+    for i in range(5):
+        for it in range(i * per_exp, (i + 1) * per_exp + 1):
+            for j in range(i + 1):
+                if it == i * per_exp and j < i:
+                    continue  # at a boundary the old experiences were measured as the previous one ended
+                assert (it, j) in tracked, (it, j)
+    assert all(e["n"] == 25 for e in events if e["event"] == "eval" and not e["full"])
+    m = res["metrics"]
+    assert all(m[k] is not None for k in ("min_acc", "wc_acc", "wf_10", "wp_10", "wf_100", "wp_100", "lca_10"))
+    assert m["min_acc"] <= m["final_average_accuracy"] + 1e-9
+    assert res["continual_evaluation"]["evaluations"] == len([e for e in events if e["event"] == "eval" and not e["full"]])
+    assert (tmp_path / "stability_gap.png").is_file()
+
+
+def test_epoch_ends_are_evaluated_even_with_a_long_period(tmp_path):
+    run_inprocess(SMALL + ["evaluation.every=1000"], tmp_path)
+    its = sorted({e["iteration"] for e in read_events(tmp_path) if e["event"] == "eval" and not e["full"]})
+    assert its == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40]  # starts (0) and every epoch end (4 batches)
+    run_inprocess(SMALL + ["evaluation.every=1000", "evaluation.at_epoch_end=false"], tmp_path / "off")
+    its = sorted({e["iteration"] for e in read_events(tmp_path / "off") if e["event"] == "eval" and not e["full"]})
+    assert its == [0, 8, 16, 24, 32]  # only before each experience's first update
+
+
+def test_resample_draws_a_new_subset_each_time(tmp_path):
+    fixed = run_inprocess(SMALL + ["evaluation.every=1", "evaluation.subset=5", "evaluation.resample=false"], tmp_path / "f")
+    redraw = run_inprocess(SMALL + ["evaluation.every=1", "evaluation.subset=5", "evaluation.resample=true"], tmp_path / "r")
+    assert fixed["accuracy_matrix"] == redraw["accuracy_matrix"]  # evaluation never changes training
+    acc_fixed = [e["accuracy"] for e in read_events(tmp_path / "f") if e["event"] == "eval" and not e["full"]]
+    acc_redraw = [e["accuracy"] for e in read_events(tmp_path / "r") if e["event"] == "eval" and not e["full"]]
+    assert acc_fixed != acc_redraw
+    assert redraw["continual_evaluation"]["resample"] is True
+
+
+def test_budget_lengthens_the_period_and_records_it(tmp_path):
+    res = run_inprocess(SMALL + ["evaluation.every=1", "evaluation.budget=0.05"], tmp_path)
+    periods = res["continual_evaluation"]["periods"]
+    assert periods[0] == {"from_iteration": 0, "every": 1} and len(periods) > 1
+    assert [p["every"] for p in periods] == [2 ** k for k in range(len(periods))]
+
+
+def test_fwt_baseline_uses_a_head_for_every_class(tmp_path):
+    res = run_inprocess(["scenario=permuted_mnist", "scenario.num_experiences=3"] + SMALL, tmp_path)
+    assert any(b > 0 for b in res["initial_accuracy"])  # an untrained 10-way head is right by chance
+    assert res["metrics"]["fwt"] is not None
+    cil = run_inprocess(SMALL, tmp_path / "cil")
+    assert cil["metrics"]["fwt"] is None  # unseen classes cannot be predicted by a growing head
+
+
+def test_predict_sees_no_task_label_outside_the_task_setting():
+    seen = []
+
+    class Spy(TableStrategy):
+        def predict(self, batch):
+            seen.append(batch.t.unique().tolist())
+            return super().predict(batch)
+
+    for setting, expect in (("class", [[-1]] * 3), ("task", [[0], [1], [2]])):
+        seen.clear()
+        ev = Evaluator(stream(setting), Spy())
+        ev.initial()
+        assert sorted(seen) == expect

@@ -57,4 +57,57 @@ def test_single_experience_edge_case():
 def test_summary_collects_everything():
     s = M.summary(R, SIZES, B)
     assert set(s) == {"final_average_accuracy", "final_accuracy", "average_incremental_accuracy", "forgetting", "bwt", "fwt"}
+    assert M.summary(R, SIZES)["fwt"] is None
     assert s["bwt"] == pytest.approx(-0.3) and s["fwt"] == pytest.approx(-0.1)
+
+
+# ---- continual-evaluation metrics, on a hand-made trace with uneven spacing --------------------
+# experiences end at iterations 4, 9, 12 (start at 0, 4, 9); evaluations at 0,2,4,5,6,9,10,12
+TRACE = {
+    0: [(0, 0.5), (2, 0.8), (4, 0.9), (5, 0.4), (6, 0.6), (9, 0.7), (10, 0.3), (12, 0.5)],
+    1: [(4, 0.0), (5, 0.5), (6, 0.7), (9, 0.9), (10, 0.6), (12, 0.8)],
+    2: [(9, 0.1), (10, 0.6), (12, 0.9)],
+}
+STARTS, ENDS = [0, 4, 9], [4, 9, 12]
+
+
+def test_min_acc_only_looks_after_each_experience_ended():
+    # experience 0 after iteration 4: 0.4 0.6 0.7 0.3 0.5 -> 0.3 ; experience 1 after 9: 0.6 0.8 -> 0.6
+    assert M.min_acc(TRACE, ENDS) == pytest.approx((0.3 + 0.6) / 2)
+
+
+def test_wc_acc_mixes_the_last_accuracy_and_min_acc():
+    # (1/3) * 0.9 + (2/3) * 0.45
+    assert M.wc_acc(TRACE, ENDS) == pytest.approx(0.6)
+
+
+@pytest.mark.parametrize("h,expected", [(2, (0.5 + 0.3 + 0.0) / 3), (3, (0.5 + 0.3 + 0.0) / 3), (5, (0.6 + 0.3 + 0.0) / 3)])
+def test_windowed_forgetting_counts_windows_in_evaluations(h, expected):
+    # h=2: 0.9->0.4 (exp 0), 0.9->0.6 (exp 1); h=5 also catches 0.9 ... 0.3 four evaluations apart
+    assert M.windowed_forgetting(TRACE, h) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("h,expected", [(2, (0.3 + 0.5 + 0.5) / 3), (3, (0.4 + 0.7 + 0.8) / 3)])
+def test_windowed_plasticity(h, expected):
+    assert M.windowed_plasticity(TRACE, h) == pytest.approx(expected)
+
+
+def test_learning_curve_area_over_the_first_beta_evaluations_of_each_experience():
+    # beta=2: exp0 (0.5+0.8)/2, exp1 (0.0+0.5)/2, exp2 (0.1+0.6)/2
+    assert M.learning_curve_area(TRACE, STARTS, ENDS, beta=2) == pytest.approx((0.65 + 0.25 + 0.35) / 3)
+
+
+def test_stability_metrics_with_a_single_experience():
+    trace, ends = {0: [(0, 0.2), (3, 0.9), (5, 0.7)]}, [5]
+    assert M.min_acc(trace, ends) is None
+    assert M.wc_acc(trace, ends) == pytest.approx(0.7)
+    assert M.windowed_forgetting(trace, 2) == pytest.approx(0.2)
+    assert M.windowed_plasticity(trace, 2) == pytest.approx(0.7)
+    assert M.learning_curve_area(trace, [0], ends, beta=10) == pytest.approx(0.6)
+    s = M.stability_summary(trace, [0], ends, windows=(10,))
+    assert set(s) == {"min_acc", "wc_acc", "wf_10", "wp_10", "lca_10"}
+
+
+def test_stability_metrics_without_a_trace_are_none():
+    s = M.stability_summary({}, [0, 3], [3, 6])
+    assert all(v is None for v in s.values())

@@ -69,16 +69,25 @@ def test_er_trains_on_stream_plus_replay_and_fills_the_buffer():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_er_ace_stream_loss_sees_only_present_classes():
+def test_er_ace_masks_absent_classes_from_the_second_experience_on():
     s = tiny_stream()
     model = Fixed(torch.randn(12, 6))
     ace = ERACE(model, sgd, mem_size=8, replay_batch_size=4, seed=0)
     ace.setup(s)
-    loss = ace.training_step(batch_of(s[0].train))
-    loss.backward()
-    # first step: empty buffer, so only the stream batch's classes 0 and 1 get gradient
-    assert torch.all(model.table.grad[:4, 2:] == 0)
-    assert torch.any(model.table.grad[:4, :2] != 0)
+    ace.before_experience(s[0])  # first experience: plain CE, no replay (the official code)
+    ace.training_step(batch_of(s[0].train)).backward()
+    assert torch.all(model.table.grad[:4, 2:] != 0) and len(ace.buffer) == 4
+    model.table.grad = None
+    ace.before_experience(s[1])  # second: the stream batch sees only classes 2, 3; replay sees all
+    ace.training_step(batch_of(s[1].train)).backward()
+    stream_rows = model.table.grad[4:8]
+    assert torch.all(stream_rows[:, [0, 1, 4, 5]] == 0) and torch.all(stream_rows[:, 2:4] != 0)
+    assert torch.all(model.table.grad[:4].abs().sum(1) > 0)  # replayed samples got gradient
+    paper = ERACE(Fixed(torch.randn(12, 6)), sgd, mem_size=8, from_first_experience=True)
+    paper.setup(s)
+    paper.before_experience(s[0])
+    paper.training_step(batch_of(s[0].train)).backward()
+    assert torch.all(paper.model.table.grad[:4, 2:] == 0)
 
 
 def test_derpp_compares_only_the_logit_columns_that_existed_when_stored():

@@ -1,29 +1,39 @@
 """The evaluator: what is measured, on which data, and when.
 
-- `initial()`: before any training, the full eval sets of all experiences (the
-  baseline b for FWT).
-- `continual(iteration, i)`: every `every` iterations during experience i, a
-  fixed seeded subset (`subset` samples) of each seen experience's eval split.
+- `initial()`: before any training, the full eval sets of all experiences, with
+  the head grown to every class (the baseline b for FWT).
+- Continual evaluation (`every > 0`), on a fixed seeded subset (`subset`
+  samples) of each *seen* experience's eval split (`resample=true` re-draws it at
+  every evaluation, as De Lange et al.'s code does):
+  once before the first update of each experience (on that experience; the
+  others were just measured at the previous epoch end), every `every`
+  iterations, and at every epoch end.
 - `end_of_experience(i)`: the full eval sets of all experiences, seen and
   unseen -> row i of the accuracy matrix.
 
 The model runs in eval mode under `inference_mode`; every module's train/eval
 state is restored afterwards (BatchNorm, dropout). Per-sample correctness comes
-from the strategy's `predict`: argmax over the logits (task-agnostic) and, where
-experiences partition the classes, argmax within the experience's classes
-(task-aware).
+from the strategy's `predict` through the stream's scorer (classification by
+default: argmax, and argmax within the experience's classes for task-aware
+accuracy). Outside the task-incremental setting, `predict` sees task label -1.
+
+`budget` caps the share of wall time spent in continual evaluation: when the
+share exceeds it, the period doubles. The periods used are in results.json.
 """
 from __future__ import annotations
 
+import copy
 import time
+from array import array
 from contextlib import contextmanager
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from cl.errors import UserError
 from cl.evaluation import metrics
-from cl.stream import Stream, TensorData
+from cl.stream import Batch, Stream, TensorData
 
 
 @contextmanager
@@ -38,6 +48,22 @@ def eval_mode(model: torch.nn.Module):
             m.training = training
 
 
+def classification_scores(logits: Tensor, batch: Batch, classes: Tensor, task_aware: bool) -> tuple[int, int]:
+    """Correct counts (task-agnostic, task-aware) from logits over the labels seen so far.
+    A class the head does not have yet can never be predicted, so its samples count as wrong."""
+    if logits.shape[1] == 0:
+        return 0, 0
+    y = batch.y
+    correct = int((logits.argmax(1) == y).sum())
+    if not task_aware:
+        return correct, 0
+    known = classes[classes < logits.shape[1]]
+    if known.numel() == 0:
+        return correct, 0
+    pred_aware = known[logits[:, known].argmax(1)]
+    return correct, int((pred_aware == y).sum())
+
+
 class Evaluator:
     def __init__(
         self,
@@ -48,109 +74,151 @@ class Evaluator:
         subset: int = 1000,
         batch_size: int = 512,
         split: str = "test",
+        resample: bool = False,
+        at_epoch_end: bool = True,
+        budget: float | None = None,
+        windows=(10, 100),
+        lca_beta: int = 10,
         seed: int = 0,
         device: torch.device | str = "cpu",
     ):
         if split not in ("test", "validation"):
-            raise ValueError(f"evaluation.split must be test or validation, not {split}")
+            raise UserError(f"evaluation.split must be test or validation, not {split!r}.")
+        for name, value in (("every", every), ("subset", subset), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < (0 if name == "every" else 1):
+                raise UserError(f"evaluation.{name} must be a {'non-negative' if name == 'every' else 'positive'} integer, got {value!r}.")
+        if budget is not None and not 0 < budget < 1:
+            raise UserError(f"evaluation.budget must be a fraction in (0, 1) or null, got {budget!r}.")
         self.stream = stream
         self.strategy = strategy
         self.log = log
         self.every = int(every)
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
+        self.split = split
         self.data: list[TensorData] = [e.valid if split == "validation" else e.eval for e in stream]
         if split == "validation" and any(d is None for d in self.data):
-            raise ValueError("evaluation.split=validation needs scenario.validation > 0")
-        self.split = split
+            raise UserError("evaluation.split=validation needs a validation split: set scenario.validation=0.1 (a fraction).")
         self.subset_size = int(subset)
-        self.subsets = [self._draw_subset(d, seed, j) for j, d in enumerate(self.data)]
+        self.resample = resample
+        self.at_epoch_end = at_epoch_end
+        self.budget = budget
+        self.windows = tuple(windows)
+        self.lca_beta = lca_beta
+        self.generator = torch.Generator().manual_seed(int(seed) * 7919 + 17)
+        self.subsets = [self._fixed_subset(d, seed, j) for j, d in enumerate(self.data)]
         self.sizes = [len(d) for d in self.data]
         self.task_aware_available = stream.setting in ("class", "task")
+        self.scorer = stream.scorer or classification_scores
         # results
         self.initial_row: list[float] | None = None
+        self.initial_row_task_aware: list[float] | None = None
         self.rows: list[list[float]] = []
         self.rows_task_aware: list[list[float]] = []
-        self.eval_seconds = 0.0
+        self.trace_iters = [array("q") for _ in self.data]
+        self.trace_accs = [array("d") for _ in self.data]
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.periods: list[dict] = [{"from_iteration": 0, "every": self.every}]
+        self.eval_seconds = 0.0  # continual evaluation only
+        self.matrix_seconds = 0.0  # full evaluations (accuracy matrix, baseline)
+        self.clock_offset = 0.0
+        self.clock_start = time.perf_counter()
 
-    def _draw_subset(self, data: TensorData, seed: int, j: int) -> Tensor | None:
-        if self.subset_size <= 0 or len(data) <= self.subset_size:
+    def _fixed_subset(self, data: TensorData, seed: int, j: int) -> TensorData | None:
+        if len(data) <= self.subset_size:
             return None
         g = torch.Generator().manual_seed(int(seed) * 1000 + j)
-        return torch.randperm(len(data), generator=g)[: self.subset_size].sort().values
+        return data.subset(torch.randperm(len(data), generator=g)[: self.subset_size].sort().values)
 
     # ---- measuring ----------------------------------------------------------------
-    def accuracy(self, j: int, data: TensorData) -> tuple[float, float | None, int]:
-        """(task-agnostic accuracy, task-aware accuracy or None, n) of the current model on `data`."""
+    def accuracy(self, j: int, data: TensorData) -> tuple[float, float | None]:
+        """(task-agnostic accuracy, task-aware accuracy or None) of the current model on `data`."""
         classes = torch.tensor(self.stream[j].classes, device=self.device)
         correct = correct_aware = 0
         for batch in data.batches(self.batch_size):
             batch = batch.to(self.device, non_blocking=True)
             if self.stream.eval_transform is not None:
                 batch.x = self.stream.eval_transform(batch.x)
-            logits = self.strategy.predict(batch).float()
-            c, ca = self.score(logits, batch.y, classes)
+            if not self.stream.task_aware:
+                batch.t = torch.full_like(batch.t, -1)
+            c, ca = self.scorer(self.strategy.predict(batch), batch, classes, self.task_aware_available)
             correct += c
             correct_aware += ca
         n = max(len(data), 1)
-        aware = correct_aware / n if self.task_aware_available else None
-        return correct / n, aware, len(data)
-
-    def score(self, logits: Tensor, y: Tensor, classes: Tensor) -> tuple[int, int]:
-        """Correct counts (task-agnostic, task-aware). Classes the head does not have yet
-        can never be predicted, so a sample of such a class counts as wrong."""
-        if logits.shape[1] == 0:
-            return 0, 0
-        correct = int((logits.argmax(1) == y).sum())
-        if not self.task_aware_available:
-            return correct, 0
-        known = classes[classes < logits.shape[1]]
-        if known.numel() == 0:
-            return correct, 0
-        pred_aware = known[logits[:, known].argmax(1)]
-        return correct, int((pred_aware == y).sum())
+        return correct / n, (correct_aware / n if self.task_aware_available else None)
 
     def _evaluate(self, which: list[int], full: bool, iteration: int, training_exp: int) -> list[tuple]:
-        start = time.perf_counter()
         out = []
         with eval_mode(self.strategy.model):
             for j in which:
                 data = self.data[j]
-                if not full and self.subsets[j] is not None:
-                    data = data.subset(self.subsets[j])
-                acc, acc_aware, n = self.accuracy(j, data)
+                if not full:
+                    if self.resample and len(data) > self.subset_size:
+                        data = data.subset(torch.randperm(len(data), generator=self.generator)[: self.subset_size])
+                    elif self.subsets[j] is not None:
+                        data = self.subsets[j]
+                acc, acc_aware = self.accuracy(j, data)
                 out.append((acc, acc_aware))
-                event = {
-                    "event": "eval",
-                    "iteration": iteration,
-                    "experience": training_exp,
-                    "eval_experience": j,
-                    "accuracy": acc,
-                    "n": n,
-                    "full": full,
-                }
+                event = {"event": "eval", "iteration": iteration, "experience": training_exp,
+                         "eval_experience": j, "accuracy": acc, "n": len(data), "full": full}
                 if acc_aware is not None:
                     event["accuracy_task_aware"] = acc_aware
                 self.log(event)
-        self.eval_seconds += time.perf_counter() - start
+                if not full:
+                    self.trace_iters[j].append(iteration)
+                    self.trace_accs[j].append(acc_aware if self.primary_is_task_aware else acc)
         return out
+
+    def _continual(self, which: list[int], iteration: int, i: int) -> None:
+        start = time.perf_counter()
+        self._evaluate(which, False, iteration, i)
+        self.eval_seconds += time.perf_counter() - start
+        if self.budget is not None and self.eval_share > self.budget:
+            self.every *= 2
+            self.periods.append({"from_iteration": iteration, "every": self.every})
+
+    @property
+    def eval_share(self) -> float:
+        """Share of the run's wall time so far spent in continual evaluation."""
+        wall = self.clock_offset + time.perf_counter() - self.clock_start
+        return self.eval_seconds / wall if wall > 0 else 0.0
 
     # ---- when ----------------------------------------------------------------------
     def initial(self) -> None:
-        res = self._evaluate(list(range(len(self.stream))), True, 0, -1)
+        """Accuracy before training, with the head grown to every class (GEM's b)."""
+        start = time.perf_counter()
+        strategy, model = self.strategy, self.strategy.model
+        grow = getattr(model, "grow", None)
+        if grow is not None and self.stream.setting != "instruction":
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                strategy.model = copy.deepcopy(model)
+                strategy.model.grow(self.stream.num_classes)
+        try:
+            res = self._evaluate(list(range(len(self.stream))), True, 0, -1)
+        finally:
+            strategy.model = model
         self.initial_row = [a for a, _ in res]
+        self.initial_row_task_aware = [a for _, a in res] if self.task_aware_available else None
+        self.matrix_seconds += time.perf_counter() - start
 
-    def due(self, iteration: int) -> bool:
-        return self.every > 0 and iteration % self.every == 0
+    def experience_start(self, i: int, iteration: int) -> None:
+        self.starts.append(iteration)
+        if self.every > 0:
+            self._continual([i], iteration, i)
 
-    def continual(self, iteration: int, i: int) -> None:
-        self._evaluate(list(range(i + 1)), False, iteration, i)
+    def after_step(self, iteration: int, i: int, epoch_end: bool) -> None:
+        if self.every > 0 and (iteration % self.every == 0 or (epoch_end and self.at_epoch_end)):
+            self._continual(list(range(i + 1)), iteration, i)
 
     def end_of_experience(self, i: int, iteration: int) -> list[float]:
+        start = time.perf_counter()
+        self.ends.append(iteration)
         res = self._evaluate(list(range(len(self.stream))), True, iteration, i)
         self.rows.append([a for a, _ in res])
         if self.task_aware_available:
             self.rows_task_aware.append([a for _, a in res])
+        self.matrix_seconds += time.perf_counter() - start
         return self.rows[-1]
 
     # ---- results -------------------------------------------------------------------
@@ -158,32 +226,62 @@ class Evaluator:
     def primary_is_task_aware(self) -> bool:
         return self.stream.setting == "task"
 
+    @property
+    def trace(self) -> dict[int, list[tuple[int, float]]]:
+        return {j: list(zip(its, accs)) for j, (its, accs) in enumerate(zip(self.trace_iters, self.trace_accs)) if its}
+
+    def _summary(self, R, b) -> dict:
+        # FWT needs predictions for unseen classes: undefined for a class-incremental head that grows.
+        return metrics.summary(R, self.sizes, None if self.stream.setting == "class" else b) if R else {}
+
     def results(self) -> dict:
-        primary = self.rows_task_aware if self.primary_is_task_aware else self.rows
+        aware = self.primary_is_task_aware
+        primary = self.rows_task_aware if aware else self.rows
+        b = self.initial_row_task_aware if aware else self.initial_row
         out = {
-            "accuracy": "task-aware" if self.primary_is_task_aware else "task-agnostic",
-            "metrics": metrics.summary(primary, self.sizes, self.initial_row) if primary else {},
+            "accuracy": "task-aware" if aware else "task-agnostic",
+            "metrics": {**self._summary(primary, b),
+                        **metrics.stability_summary(self.trace, self.starts, self.ends, self.windows, self.lca_beta)},
             "accuracy_matrix": primary,
             "eval_sizes": self.sizes,
-            "initial_accuracy": self.initial_row,
+            "initial_accuracy": b,
+            "continual_evaluation": {
+                "enabled": self.every > 0 or len(self.periods) > 1,
+                "subset": self.subset_size,
+                "resample": self.resample,
+                "at_epoch_end": self.at_epoch_end,
+                "budget": self.budget,
+                "periods": self.periods,
+                "evaluations": sum(len(t) for t in self.trace_iters),
+                "experience_ends": self.ends,
+            },
         }
         if self.task_aware_available:
-            other = self.rows if self.primary_is_task_aware else self.rows_task_aware
-            name = "task_agnostic" if self.primary_is_task_aware else "task_aware"
+            other = self.rows if aware else self.rows_task_aware
+            name = "task_agnostic" if aware else "task_aware"
             out[f"accuracy_matrix_{name}"] = other
-            out[f"metrics_{name}"] = metrics.summary(other, self.sizes) if other else {}
+            out[f"metrics_{name}"] = self._summary(other, self.initial_row if aware else self.initial_row_task_aware)
         return out
 
     def state_dict(self) -> dict:
         return {
-            "initial_row": self.initial_row,
-            "rows": self.rows,
-            "rows_task_aware": self.rows_task_aware,
-            "eval_seconds": self.eval_seconds,
+            "initial_row": self.initial_row, "initial_row_task_aware": self.initial_row_task_aware,
+            "rows": self.rows, "rows_task_aware": self.rows_task_aware,
+            "trace_iters": [t.tolist() for t in self.trace_iters], "trace_accs": [t.tolist() for t in self.trace_accs],
+            "starts": self.starts, "ends": self.ends, "every": self.every, "periods": self.periods,
+            "generator": self.generator.get_state(), "eval_seconds": self.eval_seconds,
+            "matrix_seconds": self.matrix_seconds,
+            "wall": self.clock_offset + time.perf_counter() - self.clock_start,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.initial_row = state["initial_row"]
+        self.initial_row, self.initial_row_task_aware = state["initial_row"], state["initial_row_task_aware"]
         self.rows = [list(r) for r in state["rows"]]
         self.rows_task_aware = [list(r) for r in state["rows_task_aware"]]
-        self.eval_seconds = state["eval_seconds"]
+        self.trace_iters = [array("q", t) for t in state["trace_iters"]]
+        self.trace_accs = [array("d", t) for t in state["trace_accs"]]
+        self.starts, self.ends = list(state["starts"]), list(state["ends"])
+        self.every, self.periods = state["every"], [dict(p) for p in state["periods"]]
+        self.generator.set_state(state["generator"])
+        self.eval_seconds, self.matrix_seconds = state["eval_seconds"], state["matrix_seconds"]
+        self.clock_offset, self.clock_start = state["wall"], time.perf_counter()

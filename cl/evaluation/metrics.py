@@ -1,22 +1,34 @@
-"""Pure metric functions over the accuracy matrix.
+"""Pure metric functions over the accuracy matrix and the continual-evaluation trace.
 
-R[i][j] is the accuracy on experience j's eval set after training experience i
-(rows: training stages 0..T-1; columns: all T experiences, seen and unseen).
-`sizes[j]` is the number of eval samples of experience j. `b[j]` is the
-accuracy of the model before any training. Undefined values (e.g. forgetting
-with a single experience) are None, written as null in results.json.
+Accuracy matrix: R[i][j] is the accuracy on experience j's eval set after
+training experience i (rows: stages 0..T-1; columns: all T experiences, seen and
+unseen). `sizes[j]` is the number of eval samples of experience j; `b[j]` the
+accuracy of the model before any training.
+
+Trace (continual evaluation, De Lange et al. 2023): `trace[j]` is the list of
+(iteration, accuracy) of every evaluation of experience j, in order.
+`ends[k]` is the iteration at which experience k's training ended (n_k) and
+`starts[k]` the iteration at which it began. Windows (WF^h, WP^h) are counted in
+evaluations, not iterations.
+
+Undefined values (e.g. forgetting with a single experience) are None, written
+as null in results.json.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections import deque
+from typing import Mapping, Sequence
 
 Matrix = Sequence[Sequence[float]]
+Trace = Mapping[int, Sequence[tuple[int, float]]]
 
 
 def _mean(xs) -> float | None:
-    xs = list(xs)
+    xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
 
+
+# ---- accuracy matrix ------------------------------------------------------------------------
 
 def seen_accuracy(R: Matrix, i: int, sizes: Sequence[int] | None = None) -> float:
     """Accuracy on everything seen after stage i: over the pooled eval samples of
@@ -61,15 +73,90 @@ def forward_transfer(R: Matrix, b: Sequence[float]) -> float | None:
     return _mean(R[j - 1][j] - b[j] for j in range(1, T))
 
 
+# ---- continual-evaluation trace -------------------------------------------------------------
+
+def min_acc(trace: Trace, ends: Sequence[int]) -> float | None:
+    """min-ACC = (1/(T-1)) Σ_{k<T-1} min over evaluations of k at iterations n_k < t <= n_{T-1}:
+    the worst accuracy each finished experience fell to while later ones were learned.
+    Experiences with no evaluation after their end are left out."""
+    T = len(ends)
+    mins = []
+    for k in range(T - 1):
+        after = [a for it, a in trace.get(k, ()) if ends[k] < it <= ends[-1]]
+        mins.append(min(after) if after else None)
+    return _mean(mins)
+
+
+def wc_acc(trace: Trace, ends: Sequence[int]) -> float | None:
+    """WC-ACC at the final iteration = (1/T)·A(E_T, f_final) + (1 - 1/T)·min-ACC, with
+    A(E_T, f_final) the last evaluation of the last experience."""
+    T = len(ends)
+    last = [a for it, a in trace.get(T - 1, ()) if it <= ends[-1]]
+    if not last:
+        return None
+    if T == 1:
+        return last[-1]
+    m = min_acc(trace, ends)
+    return None if m is None else last[-1] / T + (1 - 1 / T) * m
+
+
+def _window_extreme(accs: Sequence[float], h: int, drop: bool) -> float:
+    """max over evaluations j of (max [drop] or min [gain] of the h evaluations ending at j)
+    compared with A_j, i.e. the largest drop (or gain) within any h consecutive evaluations."""
+    best = 0.0
+    window: deque[int] = deque()  # indices, monotone in value
+    for j, a in enumerate(accs):
+        while window and window[0] <= j - h:
+            window.popleft()
+        while window and ((accs[window[-1]] <= a) if drop else (accs[window[-1]] >= a)):
+            window.pop()
+        window.append(j)
+        ref = accs[window[0]]
+        best = max(best, (ref - a) if drop else (a - ref))
+    return best
+
+
+def windowed_forgetting(trace: Trace, h: int) -> float | None:
+    """WF^h: per experience, the largest accuracy drop within any h consecutive evaluations
+    (max over windows of max_{i<=j} A_i - A_j); averaged over the evaluated experiences."""
+    return _mean(_window_extreme([a for _, a in evals], h, True) for evals in trace.values() if evals)
+
+
+def windowed_plasticity(trace: Trace, h: int) -> float | None:
+    """WP^h: the same with the largest gain A_j - A_i within a window."""
+    return _mean(_window_extreme([a for _, a in evals], h, False) for evals in trace.values() if evals)
+
+
+def learning_curve_area(trace: Trace, starts: Sequence[int], ends: Sequence[int], beta: int = 10) -> float | None:
+    """LCA^β: mean over experiences k of the mean accuracy on k over its first β evaluations
+    during its own training (the first one before its first update)."""
+    per = []
+    for k, (s, e) in enumerate(zip(starts, ends)):
+        during = [a for it, a in trace.get(k, ()) if s <= it <= e][:beta]
+        per.append(_mean(during))
+    return _mean(per)
+
+
+# ---- everything for results.json --------------------------------------------------------------
+
 def summary(R: Matrix, sizes: Sequence[int], b: Sequence[float] | None = None) -> dict:
-    """The end-of-experience metrics that go into results.json."""
+    """The end-of-experience metrics."""
     out = {
         "final_average_accuracy": final_average_accuracy(R),
         "final_accuracy": final_accuracy(R, sizes),
         "average_incremental_accuracy": average_incremental_accuracy(R, sizes),
         "forgetting": forgetting(R),
         "bwt": backward_transfer(R),
+        "fwt": forward_transfer(R, b) if b is not None else None,
     }
-    if b is not None:
-        out["fwt"] = forward_transfer(R, b)
+    return out
+
+
+def stability_summary(trace: Trace, starts: Sequence[int], ends: Sequence[int], windows=(10, 100), beta: int = 10) -> dict:
+    """The continual-evaluation metrics (all None when nothing was tracked)."""
+    out = {"min_acc": min_acc(trace, ends), "wc_acc": wc_acc(trace, ends)}
+    for h in windows:
+        out[f"wf_{h}"] = windowed_forgetting(trace, h)
+        out[f"wp_{h}"] = windowed_plasticity(trace, h)
+    out[f"lca_{beta}"] = learning_curve_area(trace, starts, ends, beta)
     return out

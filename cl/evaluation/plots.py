@@ -31,3 +31,25 @@ def accuracy_matrix(R, path: str | Path, title: str = "", initial=None) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def stability_gap(trace, ends, path: str | Path, title: str = "") -> Path:
+    """Accuracy on each experience against iteration (continual evaluation), with the
+    experience boundaries marked: the dips right after a boundary are the stability gap."""
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=120)
+    cmap = plt.get_cmap("tab10" if len(trace) <= 10 else "tab20")
+    for j, evals in sorted(trace.items()):
+        its, accs = zip(*evals)
+        ax.plot(its, [100 * a for a in accs], lw=1.0, color=cmap(j % cmap.N), label=f"experience {j}")
+    for n in ends[:-1]:
+        ax.axvline(n, color="grey", lw=0.6, ls="--")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title or "continual evaluation", fontsize=9)
+    ax.legend(fontsize=7, ncol=min(len(trace), 5), loc="lower left")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -16,6 +16,8 @@ class IncrementalClassifier(nn.Module):
         self.in_features = in_features
         self.bias = bias
         self.fc: nn.Linear | None = None
+        # follows the module's device and dtype, so rows grown later land there too
+        self.register_buffer("_anchor", torch.empty(0), persistent=False)
 
     @property
     def out_features(self) -> int:
@@ -26,10 +28,8 @@ class IncrementalClassifier(nn.Module):
         old = self.fc
         if num_classes <= self.out_features:
             return False
-        ref = next(self.parameters(), None)
         fc = nn.Linear(self.in_features, num_classes, bias=self.bias)
-        if ref is not None:
-            fc = fc.to(device=ref.device, dtype=ref.dtype)
+        fc = fc.to(device=self._anchor.device, dtype=self._anchor.dtype)
         if old is not None:
             with torch.no_grad():
                 fc.weight[: old.out_features].copy_(old.weight)
@@ -51,12 +51,16 @@ class IncrementalClassifier(nn.Module):
 
 
 class Classifier(nn.Module):
-    """`backbone` (a module, or a factory taking `input_shape`) followed by an incremental head."""
+    """`backbone` (a module, or a factory taking `input_shape`) followed by an incremental head.
+    With `fixed_head=True` the head has every class of the stream from the first
+    experience on, and cross-entropy also pushes down the logits of future classes."""
 
-    def __init__(self, backbone: nn.Module | Callable[..., nn.Module], input_shape, head_bias: bool = True):
+    def __init__(self, backbone: nn.Module | Callable[..., nn.Module], input_shape, head_bias: bool = True,
+                 fixed_head: bool = False):
         super().__init__()
         self.backbone = backbone if isinstance(backbone, nn.Module) else backbone(input_shape=tuple(input_shape))
         self.head = IncrementalClassifier(self.backbone.num_features, bias=head_bias)
+        self.fixed_head = fixed_head  # all classes' outputs from the start (Mammoth's convention)
 
     def features(self, x: Tensor) -> Tensor:
         return self.backbone(x)
