@@ -35,10 +35,18 @@ def _hydra_subdir(resume, default):
     return default if resume in (None, "", "null", "None") else None
 
 
+def _pool(phase):
+    """`scenario.pool` from `phase`: the tuning or evaluation class pool, or everything."""
+    return None if phase in (None, "all") else phase
+
+
 def register_resolvers() -> None:
-    for name, fn in (("smoke", _smoke), ("cl.run_dir", _run_dir), ("cl.hydra_subdir", _hydra_subdir)):
+    for name, fn in (("smoke", _smoke), ("cl.run_dir", _run_dir), ("cl.hydra_subdir", _hydra_subdir), ("cl.pool", _pool)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()  # at import, so jobs that a launcher runs in other processes have them too
 
 
 def group_options(group: str) -> list[str]:
@@ -100,11 +108,14 @@ def print_summary(results: dict, run_dir: Path) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def hydra_main(cfg: DictConfig) -> float | None:
+    from cl.protocol import evaluation_config
     from cl.run import load_resume, run
 
     try:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         resume_state = None
+        if cfg.get("phase") == "evaluation" and cfg.tuning.get("from") and not cfg.get("resume"):
+            cfg = evaluation_config(cfg, touched_keys())
         if cfg.get("resume"):
             run_dir = Path(cfg.resume)
             cfg, resume_state = load_resume(cfg, run_dir, touched_keys())
@@ -121,10 +132,20 @@ def hydra_main(cfg: DictConfig) -> float | None:
     return float(value) if value is not None else None
 
 
+def check_tuning_folder(argv: list[str]) -> None:
+    """phase=evaluation with tuning.from=<dir>: fail before launching any job if <dir> has no completed run."""
+    from cl.protocol import completed_jobs
+
+    values = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
+    if values.get("phase") == "evaluation" and values.get("tuning.from"):
+        completed_jobs(values["tuning.from"])
+
+
 def main() -> None:
     register_resolvers()
     try:
         check_group_choices(sys.argv[1:])
+        check_tuning_folder(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)

@@ -110,6 +110,7 @@ def protocol(cfg: DictConfig, stream, model, evaluator: Evaluator, trainer: engi
         "epochs": 1 if stream.online else trainer.epochs,
         "batch_size": (stream.batch_size or trainer.batch_size) if stream.online else trainer.batch_size,
         "seed": cfg.seed,
+        "phase": cfg.get("phase", "all"),
     }
 
 
@@ -120,6 +121,13 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
         (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
 
     trainer = engine.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True))
+    if cfg.get("phase", "all") not in ("all", "tuning", "evaluation"):
+        raise UserError(f"phase must be all, tuning or evaluation, not {cfg.phase!r}.")
+    if cfg.get("phase", "all") != "all" and cfg.scenario.get("pool") is None and not cfg.get("phase_datasets"):
+        raise UserError(
+            f"phase={cfg.phase} needs two disjoint pools: use a class-split scenario (scenario.pool follows phase) "
+            "or set phase_datasets={tuning: ..., evaluation: ...} with scenario.dataset=${phase_datasets.${phase}}."
+        )
     lr = cfg.optimizer.get("lr")
     if lr is not None and not lr > 0:
         raise UserError(f"optimizer.lr must be positive, got {lr}.")

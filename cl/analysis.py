@@ -1,0 +1,159 @@
+"""Runs into pandas, and the plots researchers look at.
+
+    trace = load_trace("multirun/er_splitmnist/2026-...")     # one row per (run, iteration, experience)
+    results = load_results("outputs/")                       # one row per run: metrics + config
+    plot_stability_gap(trace, eval_experience=0, by="strategy")
+    compare(results, ["min_acc", "wc_acc", "final_average_accuracy"], by="strategy")
+
+A run folder is any folder holding `metrics.jsonl` and `config.yaml`; a path may
+be one run, a multirun folder, or any tree of them. Config fields become columns
+named by their dotted keys (`optimizer.lr`, `strategy.mem_size`, `seed`), plus
+`strategy` (the class name) and `run` (the folder).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import pandas as pd
+import yaml
+
+
+def find_runs(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    found = set()
+    for p in map(Path, paths):
+        if (p / "metrics.jsonl").is_file():
+            found.add(p)
+        found.update(m.parent for m in p.rglob("metrics.jsonl") if (m.parent / "config.yaml").is_file())
+    return sorted(found)
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def run_config(run: Path) -> dict:
+    """The run's resolved config, flattened, with `strategy` and `run` added."""
+    cfg = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
+    flat = flatten(cfg)
+    flat["strategy"] = str(flat.get("strategy._target_", "?")).rsplit(".", 1)[-1]
+    flat["run"] = str(run)
+    return flat
+
+
+def _events(run: Path) -> pd.DataFrame:
+    lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
+    return pd.DataFrame([json.loads(line) for line in lines if line.strip()])
+
+
+def load_trace(paths, full: bool = False, config: bool = True) -> pd.DataFrame:
+    """Every evaluation as a row: run, iteration, experience (being trained),
+    eval_experience, accuracy (task-aware too where known), n. `full=False` keeps the
+    continual (subset) evaluations, `full=True` the end-of-experience ones."""
+    frames = []
+    for run in find_runs(paths):
+        ev = _events(run)
+        if ev.empty or "event" not in ev:
+            continue
+        ev = ev[(ev["event"] == "eval") & (ev["full"] == full)].drop(columns=["event"])
+        ev = ev.dropna(axis=1, how="all")
+        if config:
+            for k, v in run_config(run).items():
+                ev[k] = [v] * len(ev)
+        else:
+            ev["run"] = str(run)
+        frames.append(ev)
+    if not frames:
+        return pd.DataFrame(columns=["run", "iteration", "experience", "eval_experience", "accuracy"])
+    return pd.concat(frames, ignore_index=True)
+
+
+def load_results(paths) -> pd.DataFrame:
+    """One row per finished run: every metric of results.json, the protocol, and the config."""
+    rows = []
+    for run in find_runs(paths):
+        res_path = run / "results.json"
+        if not res_path.is_file():
+            continue
+        res = json.loads(res_path.read_text())
+        row = run_config(run)
+        row.update({f"protocol.{k}": (tuple(v) if isinstance(v, list) else v)
+                    for k, v in res["protocol"].items() if not isinstance(v, dict)})
+        row.update(res["metrics"])
+        row["accuracy_type"] = res["accuracy"]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def swept_keys(results: pd.DataFrame) -> list[str]:
+    """Config columns whose value differs between runs (what a sweep varied, seeds included)."""
+    skip = set(METRICS) | {"run", "accuracy_type"}
+    return [c for c in results.columns if c not in skip and not c.startswith(("protocol.", "hydra."))
+            and results[c].map(repr).nunique() > 1]
+
+
+METRICS = ("final_average_accuracy", "final_accuracy", "average_incremental_accuracy", "forgetting", "bwt", "fwt",
+           "min_acc", "wc_acc", "wf_10", "wp_10", "wf_100", "wp_100", "lca_10", "accuracy_type")
+
+
+def compare(results: pd.DataFrame, metrics: Sequence[str], by: str | Sequence[str] = "strategy") -> pd.DataFrame:
+    """mean ± std of `metrics` per group (seeds pooled), as strings in percent, plus the run count."""
+    groups = results.groupby(list([by] if isinstance(by, str) else by), dropna=False)
+    table = pd.DataFrame({
+        m: groups[m].agg(lambda s: f"{100 * s.mean():.2f} ± {100 * s.std(ddof=0):.2f}" if s.notna().any() else "n/a")
+        for m in metrics
+    })
+    table["runs"] = groups.size()
+    return table
+
+
+def plot_stability_gap(trace: pd.DataFrame, eval_experience: int = 0, by: str = "strategy", ax=None):
+    """Accuracy on one experience against iteration, one line per group (mean over runs),
+    with the experience boundaries of the first run marked."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 4))
+    sub = trace[trace["eval_experience"] == eval_experience]
+    for name, g in sub.groupby(by):
+        curve = g.groupby("iteration")["accuracy"].mean()
+        ax.plot(curve.index, 100 * curve.values, lw=1.0, label=str(name))
+    first = sub["run"].iloc[0] if len(sub) else None
+    if first is not None:
+        starts = trace[(trace["run"] == first)].groupby("experience")["iteration"].min()
+        for it in starts.iloc[1:]:
+            ax.axvline(it, color="grey", lw=0.6, ls="--")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(f"accuracy on experience {eval_experience} (%)")
+    ax.set_ylim(-2, 102)
+    ax.legend()
+    return ax
+
+
+def plot_sweep(results: pd.DataFrame, x: str, metric: str = "average_incremental_accuracy", hue: str | None = None, ax=None):
+    """A metric against one swept hyperparameter (mean ± std over seeds), one line per `hue`."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.5))
+    groups = [(None, results)] if hue is None else list(results.groupby(hue))
+    for name, g in groups:
+        stats = g.groupby(x)[metric].agg(["mean", "std"]).sort_index()
+        ax.errorbar(stats.index.astype(float) if pd.api.types.is_numeric_dtype(stats.index) else stats.index.astype(str),
+                    100 * stats["mean"], yerr=100 * stats["std"].fillna(0), marker="o", capsize=3,
+                    label=None if name is None else f"{hue}={name}")
+    ax.set_xlabel(x)
+    ax.set_ylabel(f"{metric} (%)")
+    if hue is not None:
+        ax.legend()
+    return ax

@@ -1,0 +1,101 @@
+"""The two-phase protocol of Cha & Cho ("Hyperparameters in continual learning: a
+reality check"): tune on one pool of classes, evaluate on a disjoint one.
+
+    python -m cl -m phase=tuning optimizer.lr=0.01,0.03,0.1 seed=0,1       # phase 1: a sweep
+    python -m cl -m phase=evaluation tuning.from=multirun/<...> seed=0,1,2  # phase 2: the best config
+
+`phase=tuning|evaluation` selects the pool (`scenario.pool`, by default the two
+halves of the dataset's classes; or two named datasets through `phase_datasets`).
+Phase 2 takes the configuration whose mean `tuning.metric` over its seeds was
+best in the phase-1 folder and runs it unchanged except for `phase` and `seed`;
+only phase-2 numbers are the result.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cl.errors import UserError
+
+# What phase 2 may set besides the chosen configuration: where and how it runs, not what.
+ALLOWED_IN_EVALUATION = ("phase", "seed", "tuning", "data_dir", "trainer.device", "logger", "resume")
+
+
+@dataclass
+class Job:
+    folder: Path
+    config: DictConfig  # as composed (interpolations unresolved), from .hydra/config.yaml
+    metrics: dict
+
+    @property
+    def identity(self) -> str:
+        """The configuration without its seed: jobs that differ only by seed are one configuration."""
+        cfg = OmegaConf.to_container(self.config, resolve=False)
+        cfg.pop("seed", None)
+        return json.dumps(cfg, sort_keys=True, default=str)
+
+
+def completed_jobs(folder: str | Path) -> list[Job]:
+    """The jobs of a multirun folder that finished (they have results.json)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"tuning.from={folder} does not exist; pass the multirun folder of the tuning phase.")
+    jobs = []
+    for res in sorted(folder.rglob("results.json")):
+        composed = res.parent / ".hydra" / "config.yaml"
+        if composed.is_file():
+            jobs.append(Job(res.parent, OmegaConf.load(composed), json.loads(res.read_text())["metrics"]))
+    if not jobs:
+        failed = sorted(folder.rglob("error.txt"))
+        why = f"{len(failed)} failed (see {failed[0]})" if failed else "none finished"
+        raise UserError(f"{folder} holds no completed job ({why}); run the tuning sweep (phase=tuning) to completion first.")
+    return jobs
+
+
+def best_configuration(folder: str | Path, metric: str, mode: str = "max") -> tuple[Job, float, list[Job]]:
+    """The best configuration of a tuning sweep by the mean of `metric` over its seeds:
+    (a representative job, its mean score, all its jobs)."""
+    if mode not in ("max", "min"):
+        raise UserError(f"tuning.mode must be max or min, not {mode!r}.")
+    jobs = completed_jobs(folder)
+    phases = {str(j.config.get("phase")) for j in jobs}
+    if phases != {"tuning"}:
+        raise UserError(f"{folder} holds runs of phase {sorted(phases)}; tuning.from must point at a phase=tuning sweep.")
+    groups: dict[str, list[Job]] = {}
+    for j in jobs:
+        groups.setdefault(j.identity, []).append(j)
+    scored = []
+    for members in groups.values():
+        values = [m.metrics.get(metric) for m in members]
+        values = [v for v in values if v is not None and not math.isnan(v)]
+        if values:
+            scored.append((sum(values) / len(values), members))
+    if not scored:
+        raise UserError(f"No completed job in {folder} reports '{metric}'; choose tuning.metric among {sorted(jobs[0].metrics)}.")
+    score, members = (max if mode == "max" else min)(scored, key=lambda s: s[0])
+    return members[0], score, members
+
+
+def evaluation_config(cfg: DictConfig, touched: list[str | None]) -> DictConfig:
+    """Phase 2: the configuration chosen in `cfg.tuning.from`, with this run's phase and seed."""
+    extra = [k for k in touched if k is None or not k.startswith(ALLOWED_IN_EVALUATION)]
+    if extra:
+        names = ", ".join("experiment/debug" if k is None else k for k in extra)
+        raise UserError(
+            f"The evaluation phase runs the configuration chosen by the tuning phase; drop {names} from the "
+            f"command line (only {', '.join(ALLOWED_IN_EVALUATION)} may be set)."
+        )
+    job, score, members = best_configuration(cfg.tuning["from"], cfg.tuning.metric, cfg.tuning.mode)
+    chosen = job.config.copy()
+    chosen.phase = "evaluation"
+    chosen.seed = cfg.seed
+    for key in ("data_dir", "trainer.device", "logger"):
+        if key in [k for k in touched if k]:
+            OmegaConf.update(chosen, key, OmegaConf.select(cfg, key), merge=False)
+    chosen.tuning = OmegaConf.merge(cfg.tuning, {"selected_runs": [str(m.folder) for m in members],
+                                                 "selected_score": score})
+    return chosen

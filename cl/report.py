@@ -1,0 +1,114 @@
+"""`python -m cl.report <folders...>`: the two-phase report (Cha & Cho).
+
+Reads every finished run under the folders. Per strategy: the best configuration of
+the tuning phase (mean ± std of the metric over its seeds) against the result of the
+evaluation phase (mean ± std over its seeds), their ranks, and Kendall's τ between
+the two rankings. Only the evaluation-phase column is the result; the tuning column
+shows how much conventional tuning-and-testing on one pool would overstate it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+from omegaconf import OmegaConf
+from scipy.stats import kendalltau
+
+from cl.analysis import find_runs, flatten
+from cl.errors import UserError
+
+SEED_KEYS = ("seed", "scenario.class_order_seed", "strategy.seed", "tuning.from")
+
+
+def _runs(folders) -> pd.DataFrame:
+    rows = []
+    for run in find_runs(folders):
+        if not (run / "results.json").is_file():
+            continue
+        res = json.loads((run / "results.json").read_text())
+        composed = run / ".hydra" / "config.yaml"
+        cfg = OmegaConf.to_container(OmegaConf.load(composed if composed.is_file() else run / "config.yaml"))
+        flat = flatten(cfg)
+        identity = json.dumps({k: repr(v) for k, v in flat.items() if k not in SEED_KEYS and not k.startswith("tuning.")},
+                              sort_keys=True)
+        rows.append({"run": str(run), "phase": res["protocol"].get("phase", "all"), "strategy": res["protocol"]["strategy"],
+                     "seed": res["protocol"]["seed"], "identity": identity, "flat": flat, **res["metrics"]})
+    return pd.DataFrame(rows)
+
+
+def _fmt(values: pd.Series) -> str:
+    v = values.dropna()
+    if v.empty:
+        return "n/a"
+    return f"{100 * v.mean():.2f} ± {100 * v.std(ddof=0):.2f} (n={len(v)})"
+
+
+def _varied(configs: list[dict], chosen: dict) -> str:
+    keys = sorted({k for c in configs for k in c} - set(SEED_KEYS))
+    varied = [k for k in keys if not k.startswith(("tuning.", "hydra.")) and len({repr(c.get(k)) for c in configs}) > 1]
+    return ", ".join(f"{k}={chosen.get(k)}" for k in varied) or "(single configuration)"
+
+
+def report(folders, metric: str = "average_incremental_accuracy") -> str:
+    runs = _runs(folders)
+    if runs.empty:
+        raise UserError(f"No finished run under {', '.join(map(str, folders))}; pass tuning and evaluation multirun folders.")
+    if metric not in runs:
+        raise UserError(f"No run reports '{metric}'; use --metric with one of the metrics in results.json.")
+    lines = [f"# Two-phase report ({metric}, %)", "",
+             "| strategy | phase 1: best configuration | phase 1 (tuning pool) | phase 2 (evaluation pool) | rank 1 | rank 2 |",
+             "|---|---|---|---|---|---|"]
+    table = []
+    for strategy in sorted(runs["strategy"].unique()):
+        tune = runs[(runs["strategy"] == strategy) & (runs["phase"] == "tuning")]
+        evaluate = runs[(runs["strategy"] == strategy) & (runs["phase"] == "evaluation")]
+        best, best_desc = None, "-"
+        if not tune.empty:
+            means = tune.groupby("identity")[metric].mean()
+            best_id = means.idxmax()
+            best = tune[tune["identity"] == best_id]
+            best_desc = _varied(list(tune["flat"]), best["flat"].iloc[0])
+        table.append({
+            "strategy": strategy, "config": best_desc,
+            "p1": best[metric].mean() if best is not None else float("nan"), "p1s": _fmt(best[metric]) if best is not None else "n/a",
+            "p2": evaluate[metric].mean() if not evaluate.empty else float("nan"), "p2s": _fmt(evaluate[metric]),
+        })
+    df = pd.DataFrame(table)
+    df["r1"] = df["p1"].rank(ascending=False, method="min")
+    df["r2"] = df["p2"].rank(ascending=False, method="min")
+    for _, r in df.iterrows():
+        rank = lambda v: "-" if pd.isna(v) else str(int(v))  # noqa: E731
+        lines.append(f"| {r.strategy} | {r.config} | {r.p1s} | {r.p2s} | {rank(r.r1)} | {rank(r.r2)} |")
+    both = df.dropna(subset=["p1", "p2"])
+    if len(both) >= 2:
+        tau = kendalltau(both["p1"], both["p2"]).statistic
+        lines += ["", f"Rank change between the phases: Kendall τ = {tau:.3f} over {len(both)} strategies "
+                      "(1: same order, -1: reversed)."]
+    else:
+        lines += ["", "Kendall τ needs at least two strategies with both phases."]
+    lines += ["", "Phase 2 is the result: the configuration chosen on the tuning pool, run unchanged on the disjoint evaluation pool."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m cl.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", help="tuning and evaluation (multi)run folders")
+    ap.add_argument("--metric", default="average_incremental_accuracy")
+    ap.add_argument("--out", help="also write the markdown here")
+    args = ap.parse_args(argv)
+    try:
+        text = report(args.folders, args.metric)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
