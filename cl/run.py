@@ -90,12 +90,21 @@ def build(cfg: DictConfig, group: str, **kwargs):
         raise
 
 
+def strategy_name(node) -> str:
+    """`ER`, or `AdaB2N+ERACE` for a strategy wrapping a base strategy."""
+    name = node._target_.rsplit(".", 1)[-1]
+    base = node.get("base")
+    if base is not None and node.get("norm") == "bn":  # AdaB²N's ablation: the base method alone
+        return strategy_name(base)
+    return f"{name}+{strategy_name(base)}" if base is not None and "_target_" in base else name
+
+
 def protocol(cfg: DictConfig, stream, model, evaluator: Evaluator, trainer: engine.Trainer) -> dict:
     describe = getattr(model, "describe", None)
     return {
         **stream.protocol(),
         **(describe() if describe else {"backbone": type(model).__name__, "pretrained": None}),
-        "strategy": cfg.strategy._target_.rsplit(".", 1)[-1],
+        "strategy": strategy_name(cfg.strategy),
         "accuracy": "task-aware" if evaluator.primary_is_task_aware else "task-agnostic",
         "evaluation": {
             "split": evaluator.split,

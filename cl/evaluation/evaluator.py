@@ -224,7 +224,9 @@ class Evaluator:
     # ---- results -------------------------------------------------------------------
     @property
     def primary_is_task_aware(self) -> bool:
-        return self.stream.setting == "task"
+        """Task-aware in the task setting, unless the strategy asks for its full-logit
+        argmax (`task_aware_accuracy = False`, e.g. DST's official evaluation)."""
+        return self.stream.setting == "task" and getattr(self.strategy, "task_aware_accuracy", True)
 
     @property
     def trace(self) -> dict[int, list[tuple[int, float]]]:

@@ -2,7 +2,10 @@
 exposes `num_features`; `Classifier` adds a head that grows with the classes."""
 from cl.models.classifier import Classifier, IncrementalClassifier
 from cl.models.mlp import MLP
+from cl.models.mobilenet import MobileNetV2
+from cl.models.pretrained_cnn import EfficientNetLite0, TorchvisionResNet
 from cl.models.resnet import ReducedResNet18
 from cl.models.timm_backbone import TimmBackbone
 
-__all__ = ["Classifier", "IncrementalClassifier", "MLP", "ReducedResNet18", "TimmBackbone"]
+__all__ = ["Classifier", "IncrementalClassifier", "MLP", "MobileNetV2", "ReducedResNet18", "TimmBackbone", "TorchvisionResNet",
+           "EfficientNetLite0"]
