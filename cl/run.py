@@ -81,10 +81,13 @@ def build(cfg: DictConfig, group: str, **kwargs):
         if isinstance(cause, UserError):
             raise cause from None
         bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
-        target = cfg[group].get("_target_", group)
+        where = re.search(r"full_key: ([\w.]+)", str(e))
+        node = where.group(1) if where else group
+        called = re.search(r"target '([\w.]+)'", str(e))
+        target = called.group(1) if called else cfg[group].get("_target_", group)
         if bad:
             raise UserError(
-                f"{group}.{bad.group(1)} is not a parameter of {target}; remove it (a preset may have set it "
+                f"{node}.{bad.group(1)} is not a parameter of {target}; remove it (a preset may have set it "
                 f"for another {group}) or choose a {group} that takes it."
             ) from None
         raise

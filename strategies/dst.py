@@ -32,8 +32,9 @@ Deviations from the official code, each to keep that guarantee or make counts ex
   magnitude threshold can drop more when weights tie at 0; its random growth is
   a Bernoulli draw), so every layer stays at its density; just-dropped positions
   are not regrown in the same update (RigL's rule);
-- a regrown position of an earlier task holds that task's value while frozen
-  (the official code trains with 0 there but evaluates with the old value);
+- none by default for a regrown position of an earlier task: as in the official
+  code it stays 0 while this task trains, but evaluation (W∪ ⊙ M_t) sees the old
+  value; `revived=old` instead gives it the old value during training too;
 - parameters outside the masks other than the head's bias (hidden biases of an
   MLP, say) train in the first task only; the official models have none.
 """
@@ -72,13 +73,14 @@ def cosine_drop_rate(step: int, total: int, start: float = 0.5, end: float = 0.0
 class DST(Strategy):
     def __init__(self, model, optimizer, scheduler=None, density: float = 0.2, init: str = "uniform",
                  growth: str = "random", update_every: int = 400, drop_start: float = 0.5, drop_end: float = 0.005,
-                 eval_logits: str = "task", keep_best: bool = True, epochs: int = 1, batch_size: int = 32,
+                 eval_logits: str = "task", keep_best: bool = True, revived: str = "zero", epochs: int = 1,
+                 batch_size: int = 32,
                  drop_last: bool = False, seed: int = 0):
         super().__init__(model, optimizer, scheduler)
         if not 0 < density <= 1:
             raise UserError(f"strategy.density must be in (0, 1], got {density}.")
         choices = {"init": (init, ("uniform", "ERK")), "growth": (growth, ("random", "unfired", "gradient", "momentum")),
-                   "eval_logits": (eval_logits, ("task", "all"))}
+                   "eval_logits": (eval_logits, ("task", "all")), "revived": (revived, ("zero", "old"))}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise UserError(f"strategy.{key} must be one of {', '.join(allowed)}, not {value!r}.")
@@ -86,7 +88,7 @@ class DST(Strategy):
             raise UserError(f"strategy.update_every must be a positive integer, got {update_every!r}.")
         self.density, self.init, self.growth, self.update_every = density, init, growth, update_every
         self.drop_start, self.drop_end = drop_start, drop_end
-        self.eval_logits, self.keep_best = eval_logits, keep_best
+        self.eval_logits, self.keep_best, self.revived = eval_logits, keep_best, revived
         self.epochs, self.batch_size, self.drop_last, self.seed = epochs, batch_size, drop_last, seed
         self.task_aware_accuracy = eval_logits == "task"
         self.masks: dict[int, list[Tensor]] = {}
@@ -131,6 +133,7 @@ class DST(Strategy):
         t = exp.index
         self.mask = self._draw_mask(t)
         self.fired = [m.clone() for m in self.mask]
+        self.reuse = [u & m for u, m in zip(self.used, self.mask)]  # earlier weights this task uses, frozen
         with torch.no_grad():
             for w, m, u, wu, w0 in zip(self.weights, self.mask, self.used, self.union_w, self.init_weights):
                 w.copy_(torch.where(u, wu, w0 if t == 0 else torch.zeros_like(w)) * m)
@@ -164,8 +167,9 @@ class DST(Strategy):
 
     @torch.no_grad()
     def _apply_mask(self) -> None:
-        for w, m, u, wu in zip(self.weights, self.mask, self.used, self.union_w):
-            w.copy_(torch.where(u, wu, w) * m)  # earlier tasks' weights stay exactly as merged
+        for w, m, u, r, wu in zip(self.weights, self.mask, self.used, self.reuse, self.union_w):
+            # reused earlier weights stay exactly as merged; a revived one (regrown into U) stays 0 (official)
+            w.copy_(torch.where(r, wu, torch.where(u, torch.zeros_like(w), w)) * m)
 
     def after_optimizer_step(self) -> None:
         self._apply_mask()
@@ -191,6 +195,10 @@ class DST(Strategy):
             flat_m[dropped] = False
             flat_m[grown] = True
             self.fired[i].view(-1)[grown] = True
+        if self.revived == "old":
+            self.reuse = [u & m for u, m in zip(self.used, self.mask)]
+        else:
+            self.reuse = [r & m for r, m in zip(self.reuse, self.mask)]
         self._apply_mask()
 
     def _grow_order(self, i: int, candidates: Tensor, g: torch.Generator) -> Tensor:
@@ -224,7 +232,7 @@ class DST(Strategy):
             self.best = (acc, self._snapshot())
 
     def _snapshot(self) -> dict:
-        return {"mask": [m.clone() for m in self.mask], "params": [p.detach().clone() for p in self.model.parameters()]}
+        return {"mask": [m.clone() for m in self.mask], "reuse": [r.clone() for r in self.reuse], "params": [p.detach().clone() for p in self.model.parameters()]}
 
     @torch.no_grad()
     def after_experience(self, exp):
@@ -233,10 +241,10 @@ class DST(Strategy):
             best = self.best[1]
             for p, v in zip(self.model.parameters(), best["params"]):
                 p.copy_(v)
-            self.mask = best["mask"]
+            self.mask, self.reuse = best["mask"], best["reuse"]
         self._apply_mask()
         for w, m, u, wu in zip(self.weights, self.mask, self.used, self.union_w):
-            wu.copy_(torch.where(m, w, wu))
+            wu.copy_(torch.where(m & ~u, w, wu))  # the new weights; earlier ones keep their merged values
             u |= m
         self.masks[exp.index] = [m.clone() for m in self.mask]
         self.best = (-1.0, None)
@@ -253,7 +261,7 @@ class DST(Strategy):
         live = [w.clone() for w in weights]
         out = None
         for t in tasks:
-            if t in self.masks and t != self.experience_index:
+            if t in self.masks:  # a finished task (including the one that just ended: merged weights)
                 for w, wu, m in zip(weights, self.union_w, self.masks[t]):
                     w.copy_(wu * m)
             rows = batch.t == t
@@ -270,7 +278,7 @@ class DST(Strategy):
 
     # ---- checkpoint ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "masks": self.masks, "mask": self.mask, "fired": self.fired,
+        return {**super().state_dict(), "masks": self.masks, "mask": self.mask, "fired": self.fired, "reuse": self.reuse,
                 "union_w": self.union_w, "used": self.used, "init_weights": self.init_weights, "step": self.step,
                 "correct": (self.correct, self.seen), "best": self.best}
 
@@ -280,6 +288,7 @@ class DST(Strategy):
         self.masks = {int(k): [m.to(dev) for m in v] for k, v in state["masks"].items()}
         self.mask = [m.to(dev) for m in state["mask"]]
         self.fired = [m.to(dev) for m in state["fired"]]
+        self.reuse = [m.to(dev) for m in state["reuse"]]
         for mine, saved in ((self.union_w, state["union_w"]), (self.used, state["used"]),
                             (self.init_weights, state["init_weights"])):
             for a, b in zip(mine, saved):

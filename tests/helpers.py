@@ -5,6 +5,8 @@ import os
 
 import torch
 
+from strategies.clr import CLR
+from strategies.dst import DST
 from strategies.replay import DERPP, ER, ERACE
 
 
@@ -37,6 +39,14 @@ class CrashingDERPP(Crash, DERPP):
 
 
 class CrashingERACE(Crash, ERACE):
+    pass
+
+
+class CrashingDST(Crash, DST):
+    pass
+
+
+class CrashingCLR(Crash, CLR):
     pass
 
 

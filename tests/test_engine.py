@@ -39,6 +39,27 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, strategy, crash_at):
     name = {"ER": "er", "DERPP": "derpp", "ERACE": "er_ace"}[strategy]
     overrides = SMALL + [f"strategy={name}", f"strategy._target_=tests.helpers.Crashing{strategy}",
                          "trainer.checkpoint_every=7", "scheduler=cosine"]
+    assert_resumes_to_the_same_numbers(tmp_path, overrides, crash_at)
+
+
+CNN = ["model=resnet18_reduced", "model.backbone.nf=4", "scenario.max_per_class=24", "scenario.max_per_class_eval=12",
+       "trainer.epochs=2", "trainer.batch_size=8", "trainer.checkpoint_every=5", "optimizer=adam", "optimizer.lr=0.003",
+       "evaluation.every=3", "trainer.log_every=1"]
+
+
+@pytest.mark.parametrize("overrides,crash_at", [
+    (["strategy=adab2n", "strategy.base._target_=tests.helpers.CrashingERACE", "strategy.base.mem_size=20",
+      "strategy.kappa=0.4"], 17),
+    (["strategy=dst", "strategy._target_=tests.helpers.CrashingDST", "strategy.update_every=4",
+      "strategy.growth=momentum", "strategy.keep_best=false", "scenario.setting=task"], 22),
+    (["strategy=clr", "strategy._target_=tests.helpers.CrashingCLR", "scenario.setting=task"], 19),
+], ids=["adab2n", "dst", "clr"])
+def test_killed_cnn_method_resumes_to_the_same_numbers(tmp_path, overrides, crash_at):
+    """AdaB²N's η/t/k, DST's masks and union, CLR's per-task sets survive a kill mid-task."""
+    assert_resumes_to_the_same_numbers(tmp_path, CNN + overrides, crash_at)
+
+
+def assert_resumes_to_the_same_numbers(tmp_path, overrides, crash_at):
     try:
         Crash.crash_at = None
         reference = run_inprocess(overrides, tmp_path / "ref")

@@ -1,0 +1,100 @@
+"""CLR: the reprogrammed network equals the backbone at init, old tasks are
+bit-identical after later tasks (BWT = 0) while shared-BN fine-tuning forgets, and
+the per-task parameters stay under 0.6% of the backbone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cl.models import EfficientNetLite0, ReducedResNet18, TorchvisionResNet
+from cl.models.pretrained_cnn import lite0_weights_path
+from cl.stream import Batch
+from strategies.clr import CLR, Reprogram, insert_reprogramming
+from tests.conftest import run_inprocess
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ReducedResNet18(input_shape=(3, 32, 32), nf=8),
+    lambda: EfficientNetLite0(input_shape=(1, 32, 32)),  # the real ImageNet weights, installed offline
+])
+def test_at_init_the_reprogrammed_network_equals_the_backbone(make):
+    torch.manual_seed(0)
+    backbone = make().eval()
+    channels = 1 if isinstance(backbone, EfficientNetLite0) else 3
+    x = torch.randn(4, channels, 32, 32)
+    before = backbone(x)
+    added = insert_reprogramming(backbone)
+    assert added and all(isinstance(r, Reprogram) for r in added)
+    torch.testing.assert_close(backbone(x), before, rtol=0, atol=1e-6)
+
+
+def test_efficientnet_lite0_weights_load_in_order_and_classify_imagenet():
+    """Grace Hopper (matplotlib's sample image) is ImageNet class 652, military uniform."""
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    path = f"{matplotlib.get_data_path()}/sample_data/grace_hopper.jpg"
+    img = np.asarray(Image.open(path).convert("RGB").resize((224, 224)))
+    x = (torch.tensor(img).permute(2, 0, 1)[None].float() / 255 - 0.5) / 0.5
+    backbone = EfficientNetLite0().eval()
+    head = torch.nn.Linear(1280, 1000)
+    state = torch.load(lite0_weights_path(), map_location="cpu", weights_only=True)
+    head.load_state_dict({"weight": state["_fc.weight"], "bias": state["_fc.bias"]})
+    with torch.no_grad():
+        assert int(head(backbone(x)).argmax()) == 652
+
+
+def test_task_parameters_are_under_0_6_percent_of_resnet18():
+    backbone = TorchvisionResNet("resnet18", weights=None)
+    total = sum(p.numel() for p in backbone.parameters())
+    kernels = sum(r.weight.numel() for r in insert_reprogramming(backbone))
+    bn = sum(p.numel() for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters())
+    assert kernels == 9 * 3904 == 35_136  # 17 non-1x1 convs, 3,904 output channels in all
+    assert bn == 9_600
+    assert (kernels + bn) / total < 0.006
+    full = TorchvisionResNet("resnet18", weights=None)
+    assert sum(r.weight.numel() for r in insert_reprogramming(full, full=True)) == 35_136 + 9 * 896  # CLR-Full
+
+
+class RecordingCLR(CLR):
+    """Keeps task 0's logits on a fixed batch after each experience."""
+
+    logits: list = []
+
+    def after_experience(self, exp):
+        super().after_experience(exp)
+        data = self.stream[0].eval
+        batch = Batch(x=data.x[:64].float() / 255, y=data.y[:64], t=data.t[:64]).to(self.device)
+        self.model.eval()
+        RecordingCLR.logits.append(self.predict(batch)[:, self.stream[0].classes].clone())  # task 0's head
+        self.model.train()
+
+
+# real digits; a random, immutable backbone stands in for the pretrained one (the
+# real ImageNet weights are checked above and run in the clr_splitfmnist preset)
+TIL = ["scenario=split_mnist5k", "scenario.setting=task", "scenario.max_per_class=60", "scenario.max_per_class_eval=40",
+       "model=resnet18_reduced", "model.backbone.nf=8", "optimizer=adam", "optimizer.lr=0.005", "trainer.epochs=8",
+       "trainer.batch_size=16", "evaluation.every=0", "logger.console=false"]
+
+
+def test_old_tasks_are_bit_identical_after_later_tasks_while_shared_bn_finetuning_forgets(tmp_path):
+    RecordingCLR.logits = []
+    clr = run_inprocess(TIL + ["strategy=clr", "strategy._target_=tests.test_clr.RecordingCLR"], tmp_path / "clr")
+    R = clr["accuracy_matrix"]
+    assert clr["protocol"]["accuracy"] == "task-aware"
+    for j in range(len(R)):
+        assert all(R[i][j] == R[j][j] for i in range(j, len(R))), f"task {j} changed: {[r[j] for r in R]}"
+    assert clr["metrics"]["bwt"] == 0
+    assert all(torch.equal(RecordingCLR.logits[0], later) for later in RecordingCLR.logits[1:])
+    assert sum(R[j][j] for j in range(len(R))) / len(R) > 0.8  # it learns the tasks (chance: 0.5)
+
+    ft = run_inprocess(TIL + ["strategy=finetune"], tmp_path / "ft")
+    assert ft["metrics"]["bwt"] < -0.05, ft["accuracy_matrix"]
+
+
+def test_clr_refuses_a_class_incremental_stream(tmp_path):
+    from cl.errors import UserError
+
+    with pytest.raises(UserError, match="scenario.setting=task"):
+        run_inprocess([t for t in TIL if "setting" not in t] + ["strategy=clr"], tmp_path / "x")
