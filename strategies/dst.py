@@ -170,6 +170,9 @@ class DST(Strategy):
         for w, m, u, r, wu in zip(self.weights, self.mask, self.used, self.reuse, self.union_w):
             # reused earlier weights stay exactly as merged; a revived one (regrown into U) stays 0 (official)
             w.copy_(torch.where(r, wu, torch.where(u, torch.zeros_like(w), w)) * m)
+            buf = self.optimizer.state.get(w, {}).get("momentum_buffer") if self.optimizer is not None else None
+            if buf is not None:  # SGD momentum is masked too (official)
+                buf.mul_(m)
 
     def after_optimizer_step(self) -> None:
         self._apply_mask()
