@@ -24,8 +24,10 @@ samples both carry it); the official code derives it as y // classes_per_task,
 which is the same thing when each task's labels are contiguous, and this also
 holds for B{base}Inc{inc} streams with base ≠ inc.
 
-Followed from the official code (the paper's text says less): the weighting and
-the regulariser are active only when the base method replays; the task weights
+Followed from the official code (the paper's text says less): the stream and
+replay samples go through one concatenated forward (`joint_forward`, so one set
+of statistics and one η step per training step; plain ER concatenates anyway);
+the regulariser is added only in steps that replay; the task weights
 are *not* renormalised when a task has no sample in the batch (Σ w_i < 1 then);
 `a` has one entry per task of the stream and shares the network's lr and weight
 decay. One deliberate difference: η, t and k are buffers, so they are in the
@@ -54,6 +56,7 @@ class AdaB2NNorm(nn.BatchNorm2d):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # t: train-mode forwards
         self.register_buffer("finished", torch.zeros((), dtype=torch.long))  # k: finished tasks
         self.task_ids: Tensor | None = None  # per-sample task of the next train forward (None: no weighting)
+        self._t, self._k, self._eta = 0, 0, 0.0  # host mirrors of the buffers (no device sync per forward)
         self.reg_sum: Tensor | None = None  # Σ R over the train forwards since the strategy reset it
 
     @classmethod
@@ -62,10 +65,18 @@ class AdaB2NNorm(nn.BatchNorm2d):
         layer.load_state_dict(bn.state_dict(), strict=False)
         return layer.to(bn.running_mean.device)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._t, self._k, self._eta = int(self.steps), int(self.finished), float(self.eta)
+
+    def finish_task(self) -> None:
+        self._k += 1
+        self.finished.fill_(self._k)
+
     def next_eta(self) -> float:
         """Advance t and return η_t."""
-        self.steps += 1
-        m, t = self.momentum, int(self.steps)
+        self._t += 1
+        m, t = self.momentum, self._t
         if self.kappa == 1.0:
             eta = m
         elif self.kappa == 0.0:
@@ -73,14 +84,15 @@ class AdaB2NNorm(nn.BatchNorm2d):
         elif t == 1:
             eta = m ** self.kappa
         else:
-            prev = float(self.eta)
-            eta = prev / (prev + (1.0 - m) ** self.kappa)
+            eta = self._eta / (self._eta + (1.0 - m) ** self.kappa)
+        self._eta = eta
+        self.steps.fill_(t)
         self.eta.fill_(eta)
         return eta
 
     def statistics(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(μ, biased σ²) per channel: task-weighted when k > 0 and task ids are set."""
-        k = int(self.finished)
+        k = self._k
         if k == 0 or self.task_ids is None:
             mean = x.mean((0, 2, 3))
             return mean, (x - mean[None, :, None, None]).pow(2).mean((0, 2, 3))
@@ -96,7 +108,10 @@ class AdaB2NNorm(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training:
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        out_dtype = x.dtype
+        x = x.float()  # statistics in float32 under AMP
         mean, var = self.statistics(x)
+        self.task_ids = None  # set again by the strategy before its next forward
         eta = self.next_eta()
         with torch.no_grad():
             self.running_mean.mul_(1 - eta).add_(mean.detach(), alpha=eta)
@@ -108,7 +123,7 @@ class AdaB2NNorm(nn.BatchNorm2d):
         y = (x - mean[None, :, None, None]) * torch.rsqrt(var[None, :, None, None] + self.eps)
         if self.affine:
             y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return y
+        return y.to(out_dtype)
 
 
 def swap_batchnorm(model: nn.Module, num_tasks: int, kappa: float) -> list[AdaB2NNorm]:
@@ -150,9 +165,10 @@ class AdaB2NMixin:
     def training_step(self, batch):
         for layer in self.norms:
             layer.reg_sum = None
+        self.replayed = False
         loss = super().training_step(batch)
-        if self.replays and self.lam and self.experience_index >= self.t0:
-            # λ·Σ_layers R, summed over every train forward of the step (ER-ACE and DER++ run several)
+        if self.replayed and self.lam and self.experience_index >= self.t0:
+            # λ·Σ_layers R, only in steps that replay (as the official code)
             regs = [layer.reg_sum for layer in self.norms if layer.reg_sum is not None]
             if regs:
                 loss = loss + self.lam * torch.stack(regs).sum()
@@ -161,7 +177,7 @@ class AdaB2NMixin:
     def after_experience(self, exp):
         super().after_experience(exp)
         for layer in self.norms:
-            layer.finished += 1
+            layer.finish_task()
 
 
 def AdaB2N(model, optimizer, scheduler=None, base=None, kappa: float = 0.1, lam: float = 0.1, t0: int = 0,
@@ -177,5 +193,7 @@ def AdaB2N(model, optimizer, scheduler=None, base=None, kappa: float = 0.1, lam:
                         "see conf/strategy/adab2n.yaml.")
     cls = type(f"AdaB2N{base_cls.__name__}", (AdaB2NMixin, base_cls), {})
     strategy = cls(model=model, optimizer=optimizer, scheduler=scheduler, *base.args, **base.keywords)
+    if norm == "adab2n":
+        strategy.joint_forward = True  # stream and replay samples in one forward (one set of statistics)
     strategy.kappa, strategy.lam, strategy.t0, strategy.norm = float(kappa), float(lam), int(t0), norm
     return strategy

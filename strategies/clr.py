@@ -15,9 +15,12 @@ stored when the task ends. Inference is task-incremental: the task id of each
 sample swaps in that task's set. Nothing trainable is shared, so BWT is 0.
 
 From the official code: the model of the best validation epoch is kept
-(`select=best_validation`; it needs `scenario.validation>0`, held out from train
-rather than the official test-as-validation), or the last epoch (`select=last`).
-Not reproduced: early stopping after 21 epochs without improvement.
+(`select=best_validation`, the default; it needs `scenario.validation>0`, held out
+from train rather than the official test-as-validation), or the last epoch
+(`select=last`). The per-task heads are the task's rows of one linear head over
+all classes, created at `setup` (the same function as a new 512→C_t head per
+task: no other task's loss or penalty touches them). Not reproduced: early
+stopping after 21 epochs without improvement.
 """
 from __future__ import annotations
 
@@ -57,7 +60,7 @@ def insert_reprogramming(model: nn.Module, full: bool = False) -> list[Reprogram
 
 class CLR(Strategy):
     def __init__(self, model, optimizer, scheduler=None, lam: float = 1e-5, full: bool = False,
-                 select: str = "last"):
+                 select: str = "best_validation"):
         super().__init__(model, optimizer, scheduler)
         if select not in ("last", "best_validation"):
             raise UserError(f"strategy.select must be last or best_validation, not {select!r}.")
@@ -175,8 +178,8 @@ class CLR(Strategy):
         tasks = batch.t.unique().tolist()
         if any(t < 0 for t in tasks):
             raise UserError("strategy=clr needs task ids at evaluation; set scenario.setting=task.")
-        live = self._snapshot()
         current = self.experience_index
+        live = self._snapshot(current if current >= 0 else None)  # with the current task's head rows
         out = None
         for t in tasks:
             if t in self.sets and t != current:
@@ -184,18 +187,20 @@ class CLR(Strategy):
             elif t != current:
                 self._load(self.pristine)
             else:
-                self._load(live)
+                self._load(live, current if current >= 0 else None)
             rows = batch.t == t
             logits = self.model(batch.x[rows])
             out = logits.new_zeros(len(batch), logits.shape[1]) if out is None else out
             out[rows] = logits
-        self._load(live)
+        self._load(live, current if current >= 0 else None)
         return out
 
     # ---- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "sets": self.sets}
+        return {**super().state_dict(), "sets": self.sets, "best": self.best}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.sets = {int(k): {n: t.to(self.device) for n, t in v.items()} for k, v in state["sets"].items()}
+        acc, best = state.get("best", (-1.0, None))
+        self.best = (acc, None if best is None else {n: t.to(self.device) for n, t in best.items()})

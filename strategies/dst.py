@@ -37,6 +37,11 @@ Deviations from the official code, each to keep that guarantee or make counts ex
   value; `revived=old` instead gives it the old value during training too;
 - parameters outside the masks other than the head's bias (hidden biases of an
   MLP, say) train in the first task only; the official models have none.
+
+The head's bias is shared and unmasked, as in the official code: a task's loss
+reaches only its own classes' entries, so with weight decay 0 (the default) the
+other entries never move. With `eval_logits=all` the later classes' entries do
+move, so an old task's unrestricted argmax can change (the official measurement).
 """
 from __future__ import annotations
 
@@ -298,4 +303,5 @@ class DST(Strategy):
                 a.copy_(b)
         self.step = state["step"]
         self.correct, self.seen = state["correct"]
-        self.best = state["best"]
+        acc, best = state["best"]
+        self.best = (acc, None if best is None else {k: [t.to(dev) for t in v] for k, v in best.items()})

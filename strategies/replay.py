@@ -15,7 +15,9 @@
   a growing head, only the columns that existed then are compared.
 
 Samples enter the buffer after the replay batch is drawn, so a step never replays
-its own inputs. The replay batch has `replay_batch_size` samples (null: as many
+its own inputs. `joint_forward=True` runs ER-ACE's and DER++'s stream and replay
+batches through one concatenated forward (the AdaB²N versions of the official code
+do; it matters only to layers whose output depends on the batch, i.e. batch norm). The replay batch has `replay_batch_size` samples (null: as many
 as the stream batch, Mammoth's `minibatch_size` default).
 """
 from __future__ import annotations
@@ -43,6 +45,8 @@ class ER(Strategy):
         self.new_weight = new_weight
         self.seed = seed
         self.buffer: ReservoirBuffer | None = None
+        self.joint_forward = False
+        self.replayed = False  # whether the current step drew a replay batch
 
     def setup(self, stream):
         super().setup(stream)
@@ -54,7 +58,16 @@ class ER(Strategy):
             return None
         r = self.buffer.sample(self.replay_batch_size or n)
         r["x"] = self.augment(r["x"])
+        self.replayed = True
         return r
+
+    def forward_parts(self, *parts: tuple[Tensor, Tensor]) -> list[Tensor]:
+        """Logits of each (x, t) part: one concatenated forward with `joint_forward`,
+        one forward per part otherwise."""
+        if not self.joint_forward or len(parts) == 1:
+            return [self.forward(x, t) for x, t in parts]
+        logits = self.forward(torch.cat([x for x, _ in parts]), torch.cat([t for _, t in parts]))
+        return list(logits.split([len(x) for x, _ in parts]))
 
     def training_step(self, batch: Batch) -> Tensor:
         r = self.replay(len(batch))
@@ -95,11 +108,12 @@ class ERACE(ER):
 
     def training_step(self, batch: Batch) -> Tensor:
         active = self.from_first_experience or self.experience_index > 0
-        logits = self.forward(batch.x, batch.t)
-        loss = asymmetric_cross_entropy(logits, batch.y) if active else F.cross_entropy(logits, batch.y)
         r = self.replay(len(batch)) if active else None
+        parts = [(batch.x, batch.t)] + ([(r["x"], r["t"])] if r is not None else [])
+        logits, *replayed = self.forward_parts(*parts)
+        loss = asymmetric_cross_entropy(logits, batch.y) if active else F.cross_entropy(logits, batch.y)
         if r is not None:
-            loss = loss + F.cross_entropy(self.forward(r["x"], r["t"]), r["y"])
+            loss = loss + F.cross_entropy(replayed[0], r["y"])
         self.buffer.add(batch.raw, batch.y, batch.t)
         return loss
 
@@ -112,16 +126,17 @@ class DERPP(ER):
         self.beta = beta
 
     def training_step(self, batch: Batch) -> Tensor:
-        logits = self.forward(batch.x, batch.t)
-        loss = F.cross_entropy(logits, batch.y)
         r = self.replay(len(batch))
+        r2 = self.replay(len(batch)) if r is not None else None
+        parts = [(batch.x, batch.t)] + ([(r["x"], r["t"]), (r2["x"], r2["t"])] if r is not None else [])
+        logits, *replayed = self.forward_parts(*parts)
+        loss = F.cross_entropy(logits, batch.y)
         if r is not None:
-            out = self.forward(r["x"], r["t"])
+            out, out2 = replayed
             width = out.shape[1]
             stored = r["logits"][:, :width]
             mask = torch.arange(width, device=out.device)[None, :] < r["logit_valid"][:, None]
             loss = loss + self.alpha * ((out - stored) ** 2 * mask).sum() / mask.sum().clamp(min=1)
-            r2 = self.replay(len(batch))
-            loss = loss + self.beta * F.cross_entropy(self.forward(r2["x"], r2["t"]), r2["y"])
+            loss = loss + self.beta * F.cross_entropy(out2, r2["y"])
         self.buffer.add(batch.raw, batch.y, batch.t, logits=logits.detach())
         return loss

@@ -83,7 +83,7 @@ def test_weighted_statistics_match_a_hand_computation():
     _, ada = layer_from_bn(kappa=0.5, num_tasks=4, channels=2)
     with torch.no_grad():
         ada.a.copy_(torch.tensor([0.3, -0.2, 0.7, 0.0]))
-    ada.finished.fill_(2)  # tasks 0, 1 done; task 2 current
+    ada.finish_task(), ada.finish_task()  # tasks 0, 1 done; task 2 current
     x = torch.arange(5 * 2 * 2 * 2, dtype=torch.float32).reshape(5, 2, 2, 2).sin() * 3
     tasks = torch.tensor([0, 0, 2, 2, 2])  # task 1 absent from the batch
     ada.task_ids = tasks
@@ -106,7 +106,7 @@ def test_weighted_statistics_match_a_hand_computation():
 def test_gradients_reach_a_through_the_output_and_the_regulariser():
     _, ada = layer_from_bn(kappa=0.1, num_tasks=3)
     ada.train()
-    ada.finished.fill_(1)
+    ada.finish_task()
     ada.task_ids = torch.tensor([0, 1, 1, 1])
     ada.reg_sum = None
     out = ada(torch.randn(4, 4, 3, 3))
@@ -119,7 +119,7 @@ def test_gradients_reach_a_through_the_output_and_the_regulariser():
 def test_state_dict_round_trips_mid_task():
     _, ada = layer_from_bn(kappa=0.4)
     ada.train()
-    ada.finished.fill_(1)
+    ada.finish_task()
     for _ in range(3):
         ada.task_ids = torch.tensor([0, 1, 1])
         ada(torch.randn(3, 4, 2, 2))
@@ -163,3 +163,42 @@ def test_composes_with_each_replay_method_by_configuration(tmp_path, data_root):
     bn = run_inprocess(SMALL + [root, "strategy.norm=bn"], tmp_path / "bn")
     assert bn["protocol"]["strategy"] == "ERACE"
     assert bn["accuracy_matrix"] != read_results(tmp_path / "er_ace")["accuracy_matrix"]
+
+
+def test_with_replay_stream_and_buffer_share_one_forward_and_the_regulariser_waits_for_replay(tmp_path, data_root):
+    """As the official AdaB²N versions of ER-ACE/DER++: one concatenated forward per step
+    (one η step, one set of task-weighted statistics), λ·ΣR only in steps that replay."""
+    from cl.run import build
+    from tests.conftest import compose as compose_cfg
+
+    cfg = compose_cfg(SMALL + [f"scenario.dataset.root={data_root / 'fashion-mnist'}"])
+    stream = build(cfg, "scenario", _convert_="all")
+    model = build(cfg, "model", input_shape=stream.input_shape)
+    strategy = build(cfg, "strategy", model=model, optimizer=build(cfg, "optimizer"), scheduler=None)
+    gen = torch.Generator().manual_seed(0)
+    strategy.augment = lambda raw: stream.train_transform(raw, gen)
+    strategy.setup(stream)
+    assert strategy.joint_forward and len(strategy.norms) > 0
+    seen = []
+    first = strategy.norms[0]
+    first.register_forward_pre_hook(lambda m, args: seen.append(len(args[0])))
+    for i in (0, 1):
+        exp = stream[i]
+        strategy.before_experience(exp)
+        opt, _ = strategy.configure_optimizer(exp)
+        for batch in list(exp.train.batches(10, shuffle=True, seed=0))[:3]:
+            batch.x = strategy.augment(batch.raw)
+            seen.clear()
+            steps = first._t
+            loss = strategy.training_step(batch)
+            assert first._t == steps + 1 and len(seen) == 1  # one forward per step
+            if i == 0:  # ER-ACE replays from the second experience: no regulariser, plain statistics
+                assert not strategy.replayed and seen == [len(batch)]
+            else:
+                assert strategy.replayed and seen == [len(batch) + 10]
+                assert first.reg_sum is not None
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        strategy.after_experience(exp)
+    assert int(first.finished) == 2 and first._k == 2

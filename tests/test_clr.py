@@ -75,7 +75,7 @@ class RecordingCLR(CLR):
 # real ImageNet weights are checked above and run in the clr_splitfmnist preset)
 TIL = ["scenario=split_mnist5k", "scenario.setting=task", "scenario.max_per_class=60", "scenario.max_per_class_eval=40",
        "model=resnet18_reduced", "model.backbone.nf=8", "optimizer=adam", "optimizer.lr=0.005", "trainer.epochs=8",
-       "trainer.batch_size=16", "evaluation.every=0", "logger.console=false"]
+       "trainer.batch_size=16", "evaluation.every=0", "logger.console=false", "scenario.validation=0.2"]
 
 
 def test_old_tasks_are_bit_identical_after_later_tasks_while_shared_bn_finetuning_forgets(tmp_path):
@@ -98,3 +98,22 @@ def test_clr_refuses_a_class_incremental_stream(tmp_path):
 
     with pytest.raises(UserError, match="scenario.setting=task"):
         run_inprocess([t for t in TIL if "setting" not in t] + ["strategy=clr"], tmp_path / "x")
+
+
+def test_missing_offline_weights_name_the_file_option(tmp_path, monkeypatch):
+    from cl.errors import UserError
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="checkpoint_path"):
+        TorchvisionResNet("resnet18", weights="IMAGENET1K_V1")
+    with pytest.raises(UserError, match="does not exist"):
+        EfficientNetLite0(checkpoint_path=str(tmp_path / "missing.pth"))
+    # a file saved from torchvision's ResNet-18 loads through checkpoint_path
+    ref = TorchvisionResNet("resnet18", weights=None)
+    state = {k.removeprefix("net."): v for k, v in ref.state_dict().items()}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+    torch.save(state, tmp_path / "r18.pth")
+    loaded = TorchvisionResNet("resnet18", checkpoint_path=str(tmp_path / "r18.pth")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(loaded(x), ref.eval()(x))

@@ -52,7 +52,8 @@ CNN = ["model=resnet18_reduced", "model.backbone.nf=4", "scenario.max_per_class=
       "strategy.kappa=0.4"], 17),
     (["strategy=dst", "strategy._target_=tests.helpers.CrashingDST", "strategy.update_every=4",
       "strategy.growth=momentum", "strategy.keep_best=false", "scenario.setting=task"], 22),
-    (["strategy=clr", "strategy._target_=tests.helpers.CrashingCLR", "scenario.setting=task"], 19),
+    (["strategy=clr", "strategy._target_=tests.helpers.CrashingCLR", "scenario.setting=task",
+      "scenario.validation=0.25"], 19),
 ], ids=["adab2n", "dst", "clr"])
 def test_killed_cnn_method_resumes_to_the_same_numbers(tmp_path, overrides, crash_at):
     """AdaB²N's η/t/k, DST's masks and union, CLR's per-task sets survive a kill mid-task."""
