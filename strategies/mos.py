@@ -1,0 +1,308 @@
+"""MOS: model surgery for pre-trained-model-based class-incremental learning
+(Sun et al., AAAI 2025).
+
+A frozen ViT with one AdaptFormer adapter set (`cl.models.vit_adapter`), trained
+across all tasks (never re-initialised), and a linear head over the seen classes.
+
+Task t trains the adapters and the head with cross-entropy (old classes' logits
+masked) plus `reg`·L_reg, L_reg = CE(M Mᵀ / `reg_temperature`, identity) with M the
+stored class means of all earlier classes stacked on the batch's features
+(un-normalised). After every optimizer step with t ≥ 1 the adapter is merged
+toward the mean of the earlier tasks' adapters: A ← (1-α)A + α·mean_{k<t} A_k
+(prefix sums). When task t ends:
+
+- the adapter is snapshotted as A_t (stored adapters are immutable);
+- the new classes' prototypes are computed with the *first* task's adapter A₀
+  (train images, eval transform) for the cosine classifier z₀ = cos(f_{A₀}(x), p_c);
+- each new class gets a Gaussian (mean, full covariance + 1e-4·I, or diagonal with
+  `covariance=diagonal`) of its f_{A_t} features;
+- for t ≥ 1 the head is re-aligned on samples from the Gaussians: `ca_epochs`
+  epochs of 5·batch samples per class, SGD `ca_lr` with momentum 0.9, weight
+  decay 5e-4, cosine schedule.
+
+Inference, self-refined retrieval: the initial task of a sample is the task of
+argmax z₀; then at most `max_rounds` (4) head evaluations z = head(f_{A_t̂}(x)),
+each moving t̂ to the task of argmax z and stopping when it stays; the output is
+softmax(z) + softmax((t+1)·z₀) (`ensemble=true`). `retrieval=lazy` computes only
+the adapters the refinement visits, batching samples by their current guess;
+`retrieval=eager` computes all t+1 adapters per sample as the official code does.
+Both give identical predictions with `merge=paper`.
+
+`merge=paper` (default): merge once after each optimizer step, stored adapters
+never change. `merge=official`: the official code's in-place merge, which runs
+inside the per-block loop of every forward (train and eval) and so also rewrites
+the stored adapters at evaluation; it needs `retrieval=eager` (the result
+depends on the order of evaluation). See `merge_official` for the exact sequence.
+
+While a task trains (continual evaluation), its classes have no prototype yet, so
+predictions use the head on the current adapter's features.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cl.errors import UserError
+from cl.models.vit_adapter import ADAPTER_KEYS, AdapterViT
+from cl.stream import Batch
+from cl.strategy import Strategy
+from strategies.simplecil import class_features, class_means
+
+
+def sample_class_features(means: Tensor, covs: Tensor, per_class: int, generator: torch.Generator,
+                          diagonal: bool = False) -> tuple[Tensor, Tensor]:
+    """`per_class` samples from N(μ_c, Σ_c) for every class c (row of `means`), with labels."""
+    feats, labels = [], []
+    for c, mu in enumerate(means):
+        z = torch.randn(per_class, mu.numel(), generator=generator).to(mu.device)
+        if diagonal:
+            x = mu + z * covs[c].sqrt()
+        else:
+            x = mu + z @ torch.linalg.cholesky(covs[c]).T
+        feats.append(x)
+        labels.append(torch.full((per_class,), c, dtype=torch.long, device=mu.device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+class MOS(Strategy):
+    def __init__(self, model, optimizer, scheduler=None, ffn_num: int = 16, adapter_scale: float = 0.1,
+                 adapter_dropout: float = 0.1, alpha: float = 0.1, reg: float = 0.1, reg_temperature: float = 0.8,
+                 head_lr: float = 0.003, merge: str = "paper", retrieval: str = "lazy", max_rounds: int = 4,
+                 ensemble: bool = True, covariance: str = "full", ca_epochs: int = 30, ca_lr: float = 0.005,
+                 ca_per_class: int | None = None, batch_size: int = 48, eval_batch_size: int = 256, seed: int = 0):
+        super().__init__(model, optimizer, scheduler)
+        for key, value, allowed in (("merge", merge, ("paper", "official")), ("retrieval", retrieval, ("lazy", "eager")),
+                                    ("covariance", covariance, ("full", "diagonal"))):
+            if value not in allowed:
+                raise UserError(f"strategy.{key} must be one of {', '.join(allowed)}, not {value!r}.")
+        if merge == "official" and retrieval == "lazy":
+            raise UserError("strategy.merge=official rewrites adapters during evaluation, so its result depends on "
+                            "evaluating every adapter in order; set strategy.retrieval=eager.")
+        self.ffn_num, self.adapter_scale, self.adapter_dropout = ffn_num, adapter_scale, adapter_dropout
+        self.alpha, self.reg, self.reg_temperature, self.head_lr = alpha, reg, reg_temperature, head_lr
+        self.merge, self.retrieval, self.max_rounds, self.ensemble = merge, retrieval, max_rounds, ensemble
+        self.covariance, self.ca_epochs, self.ca_lr = covariance, ca_epochs, ca_lr
+        self.ca_per_class = ca_per_class or 5 * batch_size
+        self.eval_batch_size, self.seed = eval_batch_size, seed
+        self.adapters: list[dict[str, Tensor]] = []  # A_0 .. A_{t-1} (A_t once task t ends)
+        self.prefix: list[dict[str, Tensor]] = []  # prefix[k] = A_0 + .. + A_k, of the snapshots as taken
+        self.stats = {"n": 0, "initial": 0, "refined": 0, "rounds": 0}  # task-retrieval diagnostics
+
+    # ---- set-up ---------------------------------------------------------------------
+    def setup(self, stream):
+        super().setup(stream)
+        backbone = getattr(self.model, "backbone", None)
+        vit = getattr(backbone, "model", backbone)
+        try:
+            self.net = AdapterViT(vit, self.ffn_num, self.adapter_scale, self.adapter_dropout).to(self.device)
+        except TypeError as e:
+            raise UserError(f"strategy=mos needs a timm ViT backbone (model=timm with a vit_* name): {e}.") from None
+        self.net.describe = getattr(backbone, "describe", None)
+        self.model.backbone = self.net
+        dim = self.net.num_features
+        self.task_of = torch.zeros(0, dtype=torch.long, device=self.device)
+        self.prototypes = torch.zeros(0, dim, device=self.device)
+        self.means = torch.zeros(0, dim, device=self.device)
+        shape = (0, dim) if self.covariance == "diagonal" else (0, dim, dim)
+        self.covs = torch.zeros(shape, device=self.device)
+
+    def before_experience(self, exp):
+        super().before_experience(exp)
+        n = max(exp.classes) + 1
+        if len(self.task_of) < n:
+            grown = torch.full((n,), -1, dtype=torch.long, device=self.device)
+            grown[: len(self.task_of)] = self.task_of
+            self.task_of = grown
+        self.task_of[torch.tensor(exp.classes, device=self.device)] = exp.index
+
+    def parameters_to_optimize(self):
+        return [{"params": list(self.net.adapter.parameters())},
+                {"params": list(self.model.head.parameters()), "lr": self.head_lr}]
+
+    # ---- adapters -----------------------------------------------------------------------
+    def current(self) -> dict[str, Tensor]:
+        return self.net.adapter.tensors()
+
+    def adapter(self, k: int) -> dict[str, Tensor]:
+        """A_k: a stored snapshot, or the live adapter for the task in training."""
+        return self.adapters[k] if 0 <= k < len(self.adapters) else self.current()
+
+    @torch.no_grad()
+    def _merge_into(self, target: dict[str, Tensor], k: int) -> None:
+        """target ← (1-α)·target + α·(A_0 + .. + A_{k-1})/k, in place, every block's adapter.
+        The mean comes from the prefix sums of the snapshots as they were taken (as the
+        official code), so it is the same whether or not stored adapters were rewritten."""
+        for n in ADAPTER_KEYS:
+            target[n].data.mul_(1 - self.alpha).add_(self.prefix[k - 1][n], alpha=self.alpha / k)
+
+    def features(self, x: Tensor, k: int, adapter: dict[str, Tensor] | None = None) -> Tensor:
+        """f_{A_k}(x). With `merge=official` and k ≥ 1, the adapter in use is merged in
+        place before each block's adapter runs (the official per-block call: 12 merges
+        per forward, block l seeing l+1 of them; at evaluation this rewrites the stored
+        A_k for good)."""
+        adapter = self.adapter(k) if adapter is None else adapter
+        hook = (lambda i: self._merge_into(adapter, k)) if self.merge == "official" and k >= 1 else None
+        return self.net.features(x, adapter, hook)
+
+    def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
+        return self.model.head(self.features(x, self.experience_index, self.current()))
+
+    # ---- training -------------------------------------------------------------------------
+    def training_step(self, batch: Batch) -> Tensor:
+        f = self.features(batch.x, self.experience_index, self.current())
+        logits = self.model.head(f)
+        old = self.task_of[: logits.shape[1]] < self.experience_index
+        logits = logits.masked_fill(old, torch.finfo(logits.dtype).min)
+        loss = F.cross_entropy(logits, batch.y)
+        if self.reg:
+            m = torch.cat([self.means.to(f.dtype), f]) if len(self.means) else f
+            sim = m @ m.T / self.reg_temperature
+            loss = loss + self.reg * F.cross_entropy(sim, torch.arange(len(m), device=m.device))
+        return loss
+
+    def after_optimizer_step(self) -> None:
+        t = self.experience_index
+        if t >= 1:
+            self._merge_into(self.current(), t)
+
+    def after_experience(self, exp):
+        super().after_experience(exp)
+        snap = self.net.adapter.snapshot()
+        self.adapters.append(snap)
+        self.prefix.append(snap if not self.prefix else {n: self.prefix[-1][n] + snap[n] for n in ADAPTER_KEYS})
+        classes = sorted(exp.classes)
+        t = exp.index
+        # class statistics from the live adapter (= A_t; with merge=official it keeps merging, as the official code)
+        feats, labels = class_features(self, exp.train, lambda x: self.features(x, t, self.current()),
+                                       self.eval_batch_size)
+        self._store_statistics(classes, feats, labels)
+        if t >= 1 and self.ca_epochs > 0:
+            self.align_classifier()
+        # prototypes of the new classes with the first task's adapter A_0 (the official code computes them
+        # after the alignment, which leaves the model in train mode: adapter dropout on; merge=official keeps that)
+        quirk = self.merge == "official" and t >= 1
+        feats0, labels0 = class_features(self, exp.train, lambda x: self.features(x, 0), self.eval_batch_size,
+                                         train_mode=quirk)
+        self.prototypes = self._grown(self.prototypes, max(classes) + 1)
+        self.prototypes[classes] = class_means(feats0, labels0, classes)
+
+    def _grown(self, old: Tensor, n: int) -> Tensor:
+        new = torch.zeros((max(n, len(old)), *old.shape[1:]), device=self.device)
+        new[: len(old)] = old
+        return new
+
+    def _store_statistics(self, classes: list[int], feats: Tensor, labels: Tensor) -> None:
+        """Per new class: the mean (for L_reg and the Gaussian) and the covariance
+        (unbiased, + 1e-4·I as the official code; or the diagonal variance)."""
+        n = max(classes) + 1
+        dim = feats.shape[1]
+        self.means = self._grown(self.means, n)
+        self.covs = self._grown(self.covs, n)
+        eye = torch.eye(dim, device=self.device)
+        for c in classes:
+            fc = feats[labels == c]
+            self.means[c] = fc.mean(0)
+            if self.covariance == "diagonal":
+                self.covs[c] = fc.var(0) + 1e-4
+            else:
+                self.covs[c] = torch.cov(fc.T) + 1e-4 * eye
+
+    def align_classifier(self) -> None:
+        """Re-train the head on features sampled from every seen class's Gaussian."""
+        head = self.model.head
+        n = head.out_features
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 17 * self.experience_index)
+        opt = torch.optim.SGD(head.parameters(), lr=self.ca_lr, momentum=0.9, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.ca_epochs)
+        with torch.enable_grad():
+            for _ in range(self.ca_epochs):
+                x, y = sample_class_features(self.means[:n], self.covs[:n], self.ca_per_class, g,
+                                             self.covariance == "diagonal")
+                order = torch.randperm(len(y), generator=g).to(self.device)
+                for idx in order.split(self.ca_per_class):
+                    loss = F.cross_entropy(head(x[idx]), y[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                sched.step()
+
+    # ---- inference --------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> Tensor:
+        x = batch.x
+        seen = self.model.head.out_features
+        if len(self.adapters) <= self.experience_index or len(self.adapters) == 0:
+            return self.model.head(self.features(x, self.experience_index))  # mid-task: no prototypes yet
+        t = len(self.adapters) - 1
+        if self.retrieval == "eager":
+            feats = [self.features(x, k) for k in range(t + 1)]  # all adapters, in order (official)
+            f0 = feats[0]
+            get = lambda k, rows: feats[k][rows]  # noqa: E731
+        else:
+            f0 = self.features(x, 0)
+            cache: dict[int, tuple[Tensor, Tensor]] = {0: (torch.arange(len(x), device=x.device), f0)}
+            get = lambda k, rows: self._lazy(cache, x, k, rows)  # noqa: E731
+        z0 = F.normalize(f0, dim=1) @ F.normalize(self.prototypes[:seen], dim=1).T
+        guess = self.task_of[:seen][z0.argmax(1)]
+        z = self.refine(guess, get, len(x))
+        known = batch.y < seen if batch.y is not None else None
+        if known is not None and bool(known.any()):  # task-retrieval accuracy on seen classes (diagnostics)
+            truth = self.task_of[batch.y[known]]
+            self.stats["n"] += int(known.sum())
+            self.stats["initial"] += int((guess[known] == truth).sum())
+            self.stats["refined"] += int((self.task_of[:seen][z[known].argmax(1)] == truth).sum())
+        if not self.ensemble:
+            return z.softmax(1)
+        return z.softmax(1) + ((t + 1) * z0).softmax(1)
+
+    def refine(self, guess: Tensor, get, n: int) -> Tensor:
+        """At most `max_rounds` head evaluations per sample; returns the last z of each."""
+        seen = self.model.head.out_features
+        z = None
+        active = torch.ones(n, dtype=torch.bool, device=guess.device)
+        guess = guess.clone()
+        for _ in range(self.max_rounds):
+            rows = active.nonzero().squeeze(1)
+            if rows.numel() == 0:
+                break
+            self.stats["rounds"] += 1
+            for k in guess[rows].unique().tolist():
+                sel = rows[guess[rows] == k]
+                zk = self.model.head(get(k, sel))
+                if z is None:
+                    z = zk.new_zeros(n, seen)
+                z[sel] = zk
+            new = self.task_of[:seen][z[rows].argmax(1)]
+            stay = new == guess[rows]
+            active[rows[stay]] = False
+            guess[rows] = new
+        return z
+
+    def _lazy(self, cache: dict, x: Tensor, k: int, rows: Tensor) -> Tensor:
+        """f_{A_k}(x[rows]), computing only the rows not computed before."""
+        have_rows, have = cache.get(k, (rows.new_zeros(0), None))
+        missing = rows[~torch.isin(rows, have_rows)]
+        if missing.numel():
+            f = self.features(x[missing], k)
+            have_rows = torch.cat([have_rows, missing])
+            have = f if have is None else torch.cat([have, f])
+            cache[k] = (have_rows, have)
+        pos = torch.searchsorted(have_rows.sort().values, rows)
+        order = have_rows.argsort()
+        return have[order][pos]
+
+    # ---- checkpoint -------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "adapters": self.adapters, "prefix": self.prefix,
+                "task_of": self.task_of, "prototypes": self.prototypes, "means": self.means, "covs": self.covs}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        dev = self.device
+        self.adapters = [{n: v.to(dev) for n, v in a.items()} for a in state["adapters"]]
+        self.prefix = [{n: v.to(dev) for n, v in a.items()} for a in state["prefix"]]
+        for key in ("task_of", "prototypes", "means", "covs"):
+            setattr(self, key, state[key].to(dev))
