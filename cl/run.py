@@ -93,6 +93,18 @@ def build(cfg: DictConfig, group: str, **kwargs):
         raise
 
 
+def missing_weights(cfg: DictConfig) -> str | None:
+    """The sentence a timm backbone would fail with for missing pretrained weights, or None."""
+    node = OmegaConf.select(cfg, "model.backbone")
+    if node is None or node.get("_target_") != "cl.models.TimmBackbone":
+        return None
+    if not node.get("pretrained") or node.get("checkpoint_path"):
+        return None
+    from cl.models.timm_backbone import weights_problem
+
+    return weights_problem(node.name)
+
+
 def strategy_name(node) -> str:
     """`ER`, or `AdaB2N+ERACE` for a strategy wrapping a base strategy."""
     name = node._target_.rsplit(".", 1)[-1]
@@ -145,7 +157,11 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
         raise UserError(f"optimizer.lr must be positive, got {lr}.")
     device = engine.resolve_device(trainer.device)
     engine.seed_everything(cfg.seed, trainer.deterministic)
-    stream = build(cfg, "scenario", _convert_="all")
+    try:
+        stream = build(cfg, "scenario", _convert_="all")
+    except UserError as e:  # name every missing piece at once (data and offline weights)
+        weights = missing_weights(cfg)
+        raise UserError(f"{e} {weights}" if weights else str(e)) from None
     model = build(cfg, "model", input_shape=stream.input_shape)
     optimizer = build(cfg, "optimizer")
     scheduler = build(cfg, "scheduler") if cfg.get("scheduler") else None

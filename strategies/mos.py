@@ -233,7 +233,7 @@ class MOS(Strategy):
     @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:
         x = batch.x
-        seen = self.model.head.out_features
+        seen = min(self.model.head.out_features, len(self.prototypes))  # classes with a prototype
         if len(self.adapters) <= self.experience_index or len(self.adapters) == 0:
             return self.model.head(self.features(x, self.experience_index))  # mid-task: no prototypes yet
         t = len(self.adapters) - 1
@@ -247,7 +247,7 @@ class MOS(Strategy):
             get = lambda k, rows: self._lazy(cache, x, k, rows)  # noqa: E731
         z0 = F.normalize(f0, dim=1) @ F.normalize(self.prototypes[:seen], dim=1).T
         guess = self.task_of[:seen][z0.argmax(1)]
-        z = self.refine(guess, get, len(x))
+        z = self.refine(guess, get, len(x), seen)
         known = batch.y < seen if batch.y is not None else None
         if known is not None and bool(known.any()):  # task-retrieval accuracy on seen classes (diagnostics)
             truth = self.task_of[batch.y[known]]
@@ -258,9 +258,8 @@ class MOS(Strategy):
             return z.softmax(1)
         return z.softmax(1) + ((t + 1) * z0).softmax(1)
 
-    def refine(self, guess: Tensor, get, n: int) -> Tensor:
+    def refine(self, guess: Tensor, get, n: int, seen: int) -> Tensor:
         """At most `max_rounds` head evaluations per sample; returns the last z of each."""
-        seen = self.model.head.out_features
         z = None
         active = torch.ones(n, dtype=torch.bool, device=guess.device)
         guess = guess.clone()
@@ -271,7 +270,7 @@ class MOS(Strategy):
             self.stats["rounds"] += 1
             for k in guess[rows].unique().tolist():
                 sel = rows[guess[rows] == k]
-                zk = self.model.head(get(k, sel))
+                zk = self.model.head(get(k, sel))[:, :seen]
                 if z is None:
                     z = zk.new_zeros(n, seen)
                 z[sel] = zk

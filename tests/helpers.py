@@ -7,6 +7,7 @@ import torch
 
 from strategies.clr import CLR
 from strategies.dst import DST
+from strategies.mos import MOS
 from strategies.replay import DERPP, ER, ERACE
 
 
@@ -47,6 +48,10 @@ class CrashingDST(Crash, DST):
 
 
 class CrashingCLR(Crash, CLR):
+    pass
+
+
+class CrashingMOS(Crash, MOS):
     pass
 
 

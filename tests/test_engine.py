@@ -42,21 +42,26 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, strategy, crash_at):
     assert_resumes_to_the_same_numbers(tmp_path, overrides, crash_at)
 
 
-CNN = ["model=resnet18_reduced", "model.backbone.nf=4", "scenario.max_per_class=24", "scenario.max_per_class_eval=12",
+RESNET = ["model=resnet18_reduced", "model.backbone.nf=4"]
+CNN = ["scenario.max_per_class=24", "scenario.max_per_class_eval=12",
        "trainer.epochs=2", "trainer.batch_size=8", "trainer.checkpoint_every=5", "optimizer=adam", "optimizer.lr=0.003",
        "evaluation.every=3", "trainer.log_every=1"]
 
 
 @pytest.mark.parametrize("overrides,crash_at", [
-    (["strategy=adab2n", "strategy.base._target_=tests.helpers.CrashingERACE", "strategy.base.mem_size=20",
+    (RESNET + ["strategy=adab2n", "strategy.base._target_=tests.helpers.CrashingERACE", "strategy.base.mem_size=20",
       "strategy.kappa=0.4"], 17),
-    (["strategy=dst", "strategy._target_=tests.helpers.CrashingDST", "strategy.update_every=4",
+    (RESNET + ["strategy=dst", "strategy._target_=tests.helpers.CrashingDST", "strategy.update_every=4",
       "strategy.growth=momentum", "strategy.keep_best=false", "scenario.setting=task"], 22),
-    (["strategy=clr", "strategy._target_=tests.helpers.CrashingCLR", "scenario.setting=task",
+    (RESNET + ["strategy=clr", "strategy._target_=tests.helpers.CrashingCLR", "scenario.setting=task",
       "scenario.validation=0.25"], 19),
-], ids=["adab2n", "dst", "clr"])
+    (["model=timm", "model.backbone.pretrained=false", "+model.backbone.img_size=28", "+model.backbone.patch_size=7",
+      "+model.backbone.depth=2", "+model.backbone.embed_dim=48", "+model.backbone.num_heads=3", "strategy=mos",
+      "strategy._target_=tests.helpers.CrashingMOS", "strategy.ca_epochs=2", "optimizer=sgd"], 21),
+], ids=["adab2n", "dst", "clr", "mos"])
 def test_killed_cnn_method_resumes_to_the_same_numbers(tmp_path, overrides, crash_at):
-    """AdaB²N's η/t/k, DST's masks and union, CLR's per-task sets survive a kill mid-task."""
+    """AdaB²N's η/t/k, DST's masks and union, CLR's per-task sets, MOS's adapters and class
+    statistics survive a kill mid-task."""
     assert_resumes_to_the_same_numbers(tmp_path, CNN + overrides, crash_at)
 
 

@@ -33,6 +33,19 @@ def _cached_hub_file(hf_hub_id: str) -> str | None:
     return None
 
 
+def weights_problem(name: str) -> str | None:
+    """Why pretrained weights for `name` cannot be had here, or None if they can."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name) if timm.is_model(name.split(".")[0]) else None
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if hub_reachable() or (hub_id and _cached_hub_file(hub_id)):
+        return None
+    return (f"Pretrained weights for '{name}' are not in the local cache and the hub is unreachable (or "
+            "HF_HUB_OFFLINE=1); download them where there is network (they land in ~/.cache/huggingface) or pass "
+            "model.backbone.checkpoint_path=/path/to/weights.safetensors.")
+
+
 class TimmBackbone(nn.Module):
     """`timm.create_model(name, num_classes=0)`: forward returns the pooled features
     (for ViTs, the [CLS] token after the final norm).
@@ -73,12 +86,7 @@ class TimmBackbone(nn.Module):
             if not hub_reachable():
                 cached = _cached_hub_file(hub_id) if hub_id else None
                 if cached is None:
-                    raise UserError(
-                        f"Pretrained weights for '{name}' are not in the local cache and the hub is "
-                        "unreachable (or HF_HUB_OFFLINE=1); download them where there is network "
-                        "(they land in ~/.cache/huggingface) or pass "
-                        "model.backbone.checkpoint_path=/path/to/weights.safetensors."
-                    )
+                    raise UserError(weights_problem(name))
                 overlay = {"file": cached}
         try:
             self.model = timm.create_model(

@@ -1,0 +1,212 @@
+"""MOS and SimpleCIL: adapters at init, merging in closed form, immutable stored
+adapters, bounded retrieval, lazy == eager, the official in-place sequence by
+hand, the alignment sampler, and resuming mid-stream."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from cl.models import Classifier, TimmBackbone
+from cl.models.vit_adapter import ADAPTER_KEYS, AdapterViT
+from cl.stream import Batch, TensorData
+from cl.transforms import to_float
+from scenarios.datasets import ImageDataset
+from scenarios.split import class_split
+from strategies.mos import MOS, sample_class_features
+
+VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=48, num_heads=3)
+
+
+def tiny_vit():
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, **VIT)
+
+
+def stream(tasks: int = 5, per_class: int = 12):
+    g = torch.Generator().manual_seed(0)
+
+    def part(k):
+        y = torch.arange(2 * tasks).repeat_interleave(k)
+        # class-dependent images, so features separate a little
+        x = (torch.rand(len(y), 3, 32, 32, generator=g) * 120 + (y[:, None, None, None] * 13 % 120)).to(torch.uint8)
+        return TensorData(x, y)
+
+    data = ImageDataset("toy", part(per_class), part(4), 2 * tasks)
+    return class_split(data, increment=2, class_order_seed=0, train_transform=to_float(), eval_transform=to_float())
+
+
+def tiny_mos(s, **kw):
+    torch.manual_seed(0)
+    model = Classifier(lambda input_shape: TimmBackbone("vit_tiny_patch16_224", input_shape=input_shape, **VIT),
+                       input_shape=(3, 32, 32))
+    strategy = MOS(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.05), batch_size=4, ca_epochs=2, **kw)
+    strategy.augment = lambda raw: raw.float() / 255
+    strategy.setup(s)
+    return strategy
+
+
+def train_tasks(strategy, s, tasks: int, steps: int = 2, perturb: float = 0.0):
+    """A few real steps per task; `perturb` adds noise to the adapter so tasks differ clearly."""
+    for i in range(tasks):
+        exp = s[i]
+        strategy.before_experience(exp)
+        opt, _ = strategy.configure_optimizer(exp)
+        strategy.model.train()
+        for batch in list(exp.train.batches(8, shuffle=True, seed=i))[:steps]:
+            batch.x = strategy.augment(batch.raw)
+            loss = strategy.training_step(batch)
+            loss.backward()
+            opt.step()
+            strategy.after_optimizer_step()
+            opt.zero_grad()
+        if perturb:
+            with torch.no_grad():
+                for p in strategy.net.adapter.parameters():
+                    p.add_(torch.randn_like(p) * perturb)
+        strategy.after_experience(exp)
+
+
+def test_adapters_at_init_leave_the_backbone_features_unchanged():
+    vit = tiny_vit().eval()
+    x = torch.rand(3, 3, 32, 32)
+    before = vit(x)
+    net = AdapterViT(vit, bottleneck=8).eval()
+    assert net.adapter.down_w.abs().sum() > 0  # the down-projection is initialised...
+    assert all(net.adapter.up_w.eq(0).all() for _ in [0])  # ...the up-projection is zero
+    torch.testing.assert_close(net(x), before, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in net.vit.parameters())
+
+
+def test_merging_once_per_step_matches_the_closed_form():
+    s = stream(tasks=3)
+    mos = tiny_mos(s)
+    train_tasks(mos, s, 2, perturb=0.5)  # two stored adapters
+    mos.before_experience(s[2])
+    start = {n: v.detach().clone() for n, v in mos.current().items()}
+    mean = {n: (mos.adapters[0][n] + mos.adapters[1][n]) / 2 for n in ADAPTER_KEYS}
+    for _ in range(5):
+        mos.after_optimizer_step()
+    keep = (1 - mos.alpha) ** 5
+    for n in ADAPTER_KEYS:
+        torch.testing.assert_close(mos.current()[n].detach(), keep * start[n] + (1 - keep) * mean[n])
+
+
+def test_paper_merge_never_changes_stored_adapters_and_retrieval_is_bounded():
+    s = stream(tasks=4)
+    mos = tiny_mos(s)
+    snapshots = []
+    for i in range(4):
+        exp = s[i]
+        mos.before_experience(exp)
+        opt, _ = mos.configure_optimizer(exp)
+        for batch in list(exp.train.batches(8, shuffle=True, seed=i))[:2]:
+            batch.x = mos.augment(batch.raw)
+            mos.training_step(batch).backward()
+            opt.step()
+            mos.after_optimizer_step()
+            opt.zero_grad()
+        mos.after_experience(exp)
+        snapshots.append({n: v.clone() for n, v in mos.adapters[-1].items()})
+        batch = next(iter(s[0].eval.batches(16))) if i else next(iter(exp.eval.batches(16)))
+        batch.x = batch.x.float() / 255
+        mos.model.eval()
+        before = mos.stats["rounds"]
+        mos.predict(batch)
+        assert mos.stats["rounds"] - before <= 4
+    for k, snap in enumerate(snapshots):
+        assert all(torch.equal(mos.adapters[k][n], snap[n]) for n in ADAPTER_KEYS), f"A_{k} changed"
+
+
+def test_lazy_and_eager_retrieval_give_identical_predictions_with_five_tasks():
+    s = stream(tasks=6)
+    mos = tiny_mos(s)
+    train_tasks(mos, s, 6, perturb=0.3)  # T = 6 adapters that really differ
+    mos.model.eval()
+    x = torch.cat([d.x[:6] for d in (s[j].eval for j in range(6))]).float() / 255
+    y = torch.cat([d.y[:6] for d in (s[j].eval for j in range(6))])
+    batch = Batch(x=x, y=y, t=torch.full_like(y, -1))
+    mos.retrieval = "lazy"
+    calls = []
+    original = mos.net.features
+    mos.net.features = lambda inp, *a, **k: (calls.append(len(inp)), original(inp, *a, **k))[1]
+    lazy = mos.predict(batch)
+    lazy_images = sum(calls)
+    calls.clear()
+    mos.retrieval = "eager"
+    eager = mos.predict(batch)
+    eager_images = sum(calls)
+    mos.net.features = original
+    assert torch.equal(lazy.argmax(1), eager.argmax(1))
+    torch.testing.assert_close(lazy, eager, rtol=1e-5, atol=1e-6)
+    assert eager_images == 6 * len(x)  # every adapter for every sample
+    assert lazy_images < eager_images  # only the visited ones
+    assert mos.stats["refined"] >= 0 and mos.stats["n"] > 0
+
+
+def test_official_merge_reproduces_the_in_place_sequence_by_hand():
+    """Depth-2 ViT, stored A_0 and A_1: evaluating with A_1 merges the whole set in place
+    before each block's adapter (block 0 sees one merge, block 1 two), and A_1 stays rewritten."""
+    s = stream(tasks=3)
+    mos = tiny_mos(s, merge="official", retrieval="eager")
+    train_tasks(mos, s, 2, perturb=0.5)
+    a0 = {n: v.clone() for n, v in mos.adapters[0].items()}
+    a1 = {n: v.clone() for n, v in mos.adapters[1].items()}
+    alpha = mos.alpha
+    once = {n: (1 - alpha) * a1[n] + alpha * a0[n] for n in ADAPTER_KEYS}  # mean of A_0 alone is A_0
+    twice = {n: (1 - alpha) * once[n] + alpha * a0[n] for n in ADAPTER_KEYS}
+    by_hand = {n: torch.stack([once[n][0], twice[n][1]]) for n in ADAPTER_KEYS}  # block 0 once, block 1 twice
+    mos.model.eval()
+    x = torch.rand(4, 3, 32, 32)
+    expected = mos.net.features(x, by_hand)
+    got = mos.features(x, 1)
+    torch.testing.assert_close(got, expected)
+    for n in ADAPTER_KEYS:
+        torch.testing.assert_close(mos.adapters[1][n], twice[n])  # the stored A_1 was rewritten
+        assert torch.equal(mos.adapters[0][n], a0[n])  # A_0 is never merged
+    mos.features(x, 1)
+    thrice = (1 - alpha) ** 4
+    torch.testing.assert_close(mos.adapters[1]["up_w"], thrice * a1["up_w"] + (1 - thrice) * a0["up_w"])
+
+
+def test_official_merge_needs_eager_retrieval():
+    from cl.errors import UserError
+
+    with pytest.raises(UserError, match="retrieval=eager"):
+        MOS(torch.nn.Linear(1, 1), optimizer=None, merge="official", retrieval="lazy")
+
+
+def test_alignment_sampler_draws_the_right_number_per_class():
+    g = torch.Generator().manual_seed(0)
+    means = torch.tensor([[0.0, 0.0], [5.0, -5.0], [1.0, 2.0]])
+    covs = torch.stack([torch.eye(2) * v for v in (1.0, 0.25, 4.0)])
+    x, y = sample_class_features(means, covs, 2000, g)
+    assert x.shape == (6000, 2) and torch.bincount(y).tolist() == [2000, 2000, 2000]
+    for c in range(3):
+        torch.testing.assert_close(x[y == c].mean(0), means[c], atol=0.15, rtol=0)
+        torch.testing.assert_close(torch.cov(x[y == c].T), covs[c], atol=0.3, rtol=0.1)
+    xd, yd = sample_class_features(means, covs.diagonal(dim1=1, dim2=2), 10, g, diagonal=True)
+    assert torch.bincount(yd).tolist() == [10, 10, 10]
+
+
+def test_state_dict_round_trips_mid_stream():
+    s = stream(tasks=3)
+    mos = tiny_mos(s)
+    train_tasks(mos, s, 2, perturb=0.2)
+    mos.before_experience(s[2])
+    state = copy.deepcopy(mos.state_dict())
+    fresh = tiny_mos(s)
+    fresh.before_experience(s[2])
+    fresh.load_state_dict(state)
+    for k in range(2):
+        assert all(torch.equal(fresh.adapters[k][n], mos.adapters[k][n]) for n in ADAPTER_KEYS)
+    for key in ("prototypes", "means", "covs", "task_of"):
+        assert torch.equal(getattr(fresh, key), getattr(mos, key))
+    batch = Batch(x=torch.rand(5, 3, 32, 32), y=torch.zeros(5, dtype=torch.long), t=torch.full((5,), -1))
+    mos.model.eval(), fresh.model.eval()
+    # mid-task predictions use the live adapter and head; after the task ends, the retrieval
+    mos.experience = fresh.experience = s[1]
+    torch.testing.assert_close(fresh.predict(batch), mos.predict(batch))
