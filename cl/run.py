@@ -189,6 +189,8 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
         position = engine.train(stream, strategy, evaluator, events, trainer,
                                 engine.Checkpointer(run_dir / "checkpoints", jsonl=jsonl), cfg.seed, resume_state)
         results = {"protocol": proto, **evaluator.results(), "iterations": position.iteration}
+        if callable(getattr(strategy, "results", None)):  # a method's own diagnostics (e.g. MOS's task retrieval)
+            results["strategy"] = strategy.results()
         events({"event": "run_end", "iteration": position.iteration, "metrics": results["metrics"],
                 "wall_time": events.elapsed, "eval_time": evaluator.eval_seconds,
                 "matrix_eval_time": evaluator.matrix_seconds, "eval_share": evaluator.eval_share})

@@ -168,8 +168,16 @@ class MOS(Strategy):
         if t >= 1:
             self._merge_into(self.current(), t)
 
+    def results(self) -> dict:
+        """Task-retrieval accuracy on the seen classes in the last end-of-experience
+        evaluation: the initial guess (argmax z₀) and after refinement."""
+        n = max(self.stats["n"], 1)
+        return {"task_retrieval_initial": self.stats["initial"] / n,
+                "task_retrieval_refined": self.stats["refined"] / n, "retrieval_samples": self.stats["n"]}
+
     def after_experience(self, exp):
         super().after_experience(exp)
+        self.stats = {"n": 0, "initial": 0, "refined": 0, "rounds": 0}  # count the evaluation that follows
         snap = self.net.adapter.snapshot()
         self.adapters.append(snap)
         self.prefix.append(snap if not self.prefix else {n: self.prefix[-1][n] + snap[n] for n in ADAPTER_KEYS})

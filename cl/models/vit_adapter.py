@@ -90,3 +90,15 @@ class AdapterViT(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.features(x, self.adapter.tensors())
+
+
+def adapter_vit(name: str, input_shape=(3, 224, 224), pretrained: bool = False, checkpoint_path: str | None = None,
+                bottleneck: int = 16, scale: float = 0.1, dropout: float = 0.1, **kwargs) -> AdapterViT:
+    """A timm ViT (weights as `TimmBackbone` loads them) with one trainable adapter set:
+    with `strategy=finetune` this is sequential adapter fine-tuning."""
+    from cl.models.timm_backbone import TimmBackbone
+
+    backbone = TimmBackbone(name, input_shape, pretrained, checkpoint_path, **kwargs)
+    net = AdapterViT(backbone.model, bottleneck, scale, dropout)
+    net.describe = lambda: {**backbone.describe(), "adapters": f"AdaptFormer(ffn_num={bottleneck})"}
+    return net
