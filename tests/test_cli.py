@@ -27,7 +27,7 @@ def assert_run_folder(run_dir: Path) -> dict:
 def test_every_preset_is_tested():
     assert {"er_splitmnist", "finetune_cifar100", "er_cifar100", "derpp_cifar100", "adab2n_online_cifar100",
             "adab2n_derpp_cifar100", "adab2n_online_splitfmnist", "clr_cifar100", "clr_splitfmnist", "dst_cifar100",
-            "dst_splitfmnist"} <= set(PRESETS)
+            "dst_splitfmnist", "mos_cifar100", "mos_imagenet_r", "simplecil_cifar100"} <= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -148,6 +148,15 @@ def test_missing_dataset_says_where_to_put_it(tmp_path):
 def test_missing_dataset_with_download_on_and_no_network(tmp_path):
     r = cli(["experiment=er_cifar100", "debug=smoke", f"data_dir={tmp_path}"])
     assert_one_sentence(r, "downloading it failed")
+
+
+def test_mos_preset_without_data_or_weights_names_both_within_seconds(tmp_path):
+    import time
+
+    start = time.time()
+    r = cli(["experiment=mos_cifar100", f"data_dir={tmp_path}"])  # the real preset: ViT-B/16 from the hub
+    assert_one_sentence(r, "cifar-100-python", "vit_base_patch16_224.augreg_in21k", "checkpoint_path")
+    assert time.time() - start < 60
 
 
 def test_nan_loss_names_the_iteration(tmp_path):
