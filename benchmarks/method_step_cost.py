@@ -68,7 +68,7 @@ METHODS = {
     "finetune": lambda: Finetune(model(), sgd),
     "er_ace": lambda: ERACE(model(), sgd, mem_size=200, replay_batch_size=BATCH),
     "adab2n+er_ace": lambda: AdaB2N(model(), sgd, base=_partial(ERACE, mem_size=200, replay_batch_size=BATCH)),
-    "clr": lambda: CLR(model(), adam),
+    "clr": lambda: CLR(model(), adam, select="last"),
     "dst (ΔT=400)": lambda: DST(model(), adam, update_every=400, epochs=100, batch_size=BATCH),
     "dst (ΔT=10)": lambda: DST(model(), adam, update_every=10, epochs=100, batch_size=BATCH),
 }
