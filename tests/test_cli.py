@@ -27,7 +27,7 @@ def assert_run_folder(run_dir: Path) -> dict:
 def test_every_preset_is_tested():
     assert {"er_splitmnist", "finetune_cifar100", "er_cifar100", "derpp_cifar100", "adab2n_online_cifar100",
             "adab2n_derpp_cifar100", "adab2n_online_splitfmnist", "clr_cifar100", "clr_splitfmnist", "dst_cifar100",
-            "dst_splitfmnist", "mos_cifar100", "mos_imagenet_r", "simplecil_cifar100"} <= set(PRESETS)
+            "dst_splitfmnist", "finetune_til_splitfmnist", "mos_cifar100", "mos_imagenet_r", "simplecil_cifar100"} <= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

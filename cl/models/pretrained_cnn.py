@@ -14,14 +14,13 @@ feeding the gray image to all three channels.
 from __future__ import annotations
 
 import importlib.util
-import os
-import socket
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from cl.errors import UserError
+from cl.models.timm_backbone import hub_reachable
 
 
 def _adapt_first_conv(conv: nn.Conv2d, in_chans: int) -> None:
@@ -46,16 +45,6 @@ def _load_file(path: str | Path, what: str) -> dict:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
-def _online(host: str = "download.pytorch.org", timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 class TorchvisionResNet(nn.Module):
     def __init__(self, name: str = "resnet18", input_shape=(3, 224, 224), weights: str | None = "IMAGENET1K_V1",
                  checkpoint_path: str | None = None):
@@ -74,7 +63,7 @@ class TorchvisionResNet(nn.Module):
         elif weights:
             enum = torchvision.models.get_model_weights(name)[weights]
             cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(enum.url).name
-            if not cached.is_file() and not _online():
+            if not cached.is_file() and not hub_reachable("download.pytorch.org", 3.0):
                 raise UserError(
                     f"ImageNet weights for {name} are not in {cached.parent} and download.pytorch.org is "
                     f"unreachable; copy {Path(enum.url).name} there, or pass "
