@@ -49,7 +49,7 @@ from cl.errors import UserError
 from cl.models.vit_adapter import ADAPTER_KEYS, AdapterViT
 from cl.stream import Batch
 from cl.strategy import Strategy
-from strategies.simplecil import class_features, class_means
+from strategies.simplecil import class_features, class_means, grow_rows
 
 
 def sample_class_features(means: Tensor, covs: Tensor, per_class: int, generator: torch.Generator,
@@ -194,21 +194,16 @@ class MOS(Strategy):
         quirk = self.merge == "official" and t >= 1
         feats0, labels0 = class_features(self, exp.train, lambda x: self.features(x, 0), self.eval_batch_size,
                                          train_mode=quirk)
-        self.prototypes = self._grown(self.prototypes, max(classes) + 1)
+        self.prototypes = grow_rows(self.prototypes, max(classes) + 1)
         self.prototypes[classes] = class_means(feats0, labels0, classes)
-
-    def _grown(self, old: Tensor, n: int) -> Tensor:
-        new = torch.zeros((max(n, len(old)), *old.shape[1:]), device=self.device)
-        new[: len(old)] = old
-        return new
 
     def _store_statistics(self, classes: list[int], feats: Tensor, labels: Tensor) -> None:
         """Per new class: the mean (for L_reg and the Gaussian) and the covariance
         (unbiased, + 1e-4·I as the official code; or the diagonal variance)."""
         n = max(classes) + 1
         dim = feats.shape[1]
-        self.means = self._grown(self.means, n)
-        self.covs = self._grown(self.covs, n)
+        self.means = grow_rows(self.means, n)
+        self.covs = grow_rows(self.covs, n)
         eye = torch.eye(dim, device=self.device)
         for c in classes:
             fc = feats[labels == c]

@@ -37,6 +37,13 @@ def class_means(feats: Tensor, labels: Tensor, classes) -> Tensor:
     return torch.stack([feats[labels == c].mean(0) for c in classes])
 
 
+def grow_rows(old: Tensor, n: int) -> Tensor:
+    """`old` with zero rows appended up to `n` rows (per-class tables as classes arrive)."""
+    new = old.new_zeros((max(n, len(old)), *old.shape[1:]))
+    new[: len(old)] = old
+    return new
+
+
 class SimpleCIL(Strategy):
     def __init__(self, model, optimizer, scheduler=None, batch_size: int = 256):
         super().__init__(model, optimizer, scheduler)
@@ -59,11 +66,9 @@ class SimpleCIL(Strategy):
     def after_experience(self, exp):
         super().after_experience(exp)
         feats, labels = class_features(self, exp.train, self.model.features, self.batch_size)
-        new = class_means(feats, labels, sorted(exp.classes))
-        grown = torch.zeros(max(max(exp.classes) + 1, len(self.prototypes)), new.shape[1], device=self.device)
-        grown[: len(self.prototypes)] = self.prototypes
-        grown[sorted(exp.classes)] = new
-        self.prototypes = grown
+        classes = sorted(exp.classes)
+        self.prototypes = grow_rows(self.prototypes, max(classes) + 1)
+        self.prototypes[classes] = class_means(feats, labels, classes)
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:
