@@ -39,7 +39,6 @@ predictions use the head on the current adapter's features.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F

@@ -76,7 +76,7 @@ def test_adapters_at_init_leave_the_backbone_features_unchanged():
     before = vit(x)
     net = AdapterViT(vit, bottleneck=8).eval()
     assert net.adapter.down_w.abs().sum() > 0  # the down-projection is initialised...
-    assert all(net.adapter.up_w.eq(0).all() for _ in [0])  # ...the up-projection is zero
+    assert net.adapter.up_w.eq(0).all() and net.adapter.up_b.eq(0).all()  # ...the up-projection is zero
     torch.testing.assert_close(net(x), before, rtol=0, atol=0)
     assert not any(p.requires_grad for p in net.vit.parameters())
 
