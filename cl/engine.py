@@ -163,6 +163,7 @@ def train(
 ) -> Position:
     device = evaluator.device
     strategy.device = device
+    strategy.log = log
     strategy.model.to(device)
     augment_gen = torch.Generator(device=device).manual_seed(seed + 1)
     transform = stream.train_transform

@@ -19,10 +19,12 @@ Order of calls (see `cl.engine.train`):
             after_epoch(epoch)
         after_experience(exp)
     predict(batch)                                  at every evaluation, under inference_mode
+    generate(batch, max_new_tokens)                 instruction streams: greedy completions (full evaluations)
 
-Attributes the engine sets before `setup`: `device`, and `augment(raw) -> x`,
+Attributes the engine sets before `setup`: `device`, `augment(raw) -> x`,
 which applies the stream's train augmentation with the run's generator (replay
-strategies use it on buffer samples).
+strategies use it on buffer samples), and `log(event)`, the run's event log
+(metrics.jsonl, console, wandb) for a method's own diagnostics.
 
 Resume: the engine calls `setup(stream)`, then, for a checkpoint taken inside
 experience k, `before_experience(k)` (with the random state it had then) followed
@@ -58,6 +60,7 @@ class Strategy:
         self.experience: Experience | None = None
         self.device = torch.device("cpu")
         self.augment: Callable[[Tensor], Tensor] = lambda raw: raw
+        self.log: Callable[[dict], None] = lambda event: None
 
     # ---- hooks -------------------------------------------------------------
     def setup(self, stream: Stream) -> None:
@@ -84,7 +87,15 @@ class Strategy:
         return self.model(x)
 
     def training_step(self, batch: Batch) -> Tensor:
+        if batch.y.dim() > 1:  # instruction batches: next-token targets
+            return self.token_loss(batch.x, batch.y)
         return F.cross_entropy(self.forward(batch.x, batch.t), batch.y)
+
+    def token_loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """Mean cross-entropy over the response tokens (targets that are not -100);
+        a `CausalLM` runs its LM head at those positions only."""
+        keep = y != -100
+        return F.cross_entropy(self.model(x, keep), y[keep])
 
     def after_backward(self) -> None:
         """Gradients exist and are unscaled (mask or read them here)."""
@@ -102,6 +113,11 @@ class Strategy:
     def predict(self, batch: Batch) -> Tensor:
         """Logits over the labels seen so far (columns = remapped class labels)."""
         return self.model(batch.x)
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, max_new_tokens: int) -> list[str]:
+        """Greedy completions of the batch's prompts (instruction streams; the model is a `CausalLM`)."""
+        return self.model.generate(batch.extra["prompt_ids"], batch.extra["prompt_mask"], max_new_tokens)
 
     def parameters_to_optimize(self) -> Iterable:
         """Parameters, or param-group dicts, for this experience's optimizer."""

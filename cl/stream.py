@@ -116,6 +116,85 @@ class TensorData:
         return sum(v.element_size() * v.nelement() for v in (self.x, self.y, self.t))
 
 
+class TokenData:
+    """Tokenised instruction examples for causal language models: each sequence is
+    the prompt (the chat template applied, up to the assistant header) followed by
+    the response (answer tokens + eos). `prompt_lens` says where the response starts.
+
+    `batches` pads each batch to its own longest sequence (dynamic padding):
+    `x` right-padded inputs, `y` next-token targets with -100 on prompt and padding
+    (so the loss is on response tokens only), and in `extra` the left-padded
+    prompts for generation, the reference answers and the instructions.
+    """
+
+    def __init__(self, seqs: list[Tensor], prompt_lens: Tensor, answers: list[str], instructions: list[str],
+                 pad_id: int, t: Tensor | None = None):
+        self.seqs = seqs
+        self.prompt_lens = torch.as_tensor(prompt_lens, dtype=torch.long)
+        self.answers = answers
+        self.instructions = instructions
+        self.pad_id = int(pad_id)
+        self.t = torch.zeros(len(seqs), dtype=torch.long) if t is None else t.long()
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def instruction_set(self) -> list[str]:
+        return sorted(set(self.instructions))
+
+    def subset(self, indices) -> "TokenData":
+        idx = torch.as_tensor(indices, dtype=torch.long).tolist()
+        return TokenData([self.seqs[i] for i in idx], self.prompt_lens[idx], [self.answers[i] for i in idx],
+                         [self.instructions[i] for i in idx], self.pad_id, self.t[idx])
+
+    def with_task(self, task: int) -> "TokenData":
+        return TokenData(self.seqs, self.prompt_lens, self.answers, self.instructions, self.pad_id,
+                         torch.full_like(self.t, task))
+
+    @staticmethod
+    def concat(parts: Sequence["TokenData"]) -> "TokenData":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        return TokenData([s for p in parts for s in p.seqs], torch.cat([p.prompt_lens for p in parts]),
+                         [a for p in parts for a in p.answers], [i for p in parts for i in p.instructions],
+                         parts[0].pad_id, torch.cat([p.t for p in parts]))
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        return n // batch_size if drop_last else -(-n // batch_size)
+
+    def collate(self, idx: Tensor | Sequence[int]) -> Batch:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        seqs = [self.seqs[i] for i in idx.tolist()]
+        plens = self.prompt_lens[idx].tolist()
+        n, length, plen = len(seqs), max(len(s) for s in seqs) - 1, max(plens)
+        x = torch.full((n, length), self.pad_id, dtype=torch.long)
+        y = torch.full((n, length), -100, dtype=torch.long)
+        prompts = torch.full((n, plen), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, plen), dtype=torch.long)
+        for b, (s, p) in enumerate(zip(seqs, plens)):
+            x[b, : len(s) - 1] = s[:-1]
+            y[b, p - 1 : len(s) - 1] = s[p:]  # position i predicts token i+1: targets are response tokens only
+            prompts[b, plen - p :] = s[:p]
+            mask[b, plen - p :] = 1
+        responses = max(len(s) - p for s, p in zip(seqs, plens))
+        extra = {"prompt_ids": prompts, "prompt_mask": mask, "answers": [self.answers[i] for i in idx.tolist()],
+                 "instructions": [self.instructions[i] for i in idx.tolist()], "max_new_tokens": responses + 2}
+        return Batch(x=x, y=y, t=self.t[idx], raw=None, extra=extra)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                start: int = 0) -> Iterator[Batch]:
+        n = len(self)
+        order = torch.randperm(n, generator=_epoch_generator(seed)) if shuffle else torch.arange(n)
+        for b in range(start, self.num_batches(batch_size, drop_last)):
+            yield self.collate(order[b * batch_size : (b + 1) * batch_size])
+
+    def nbytes(self) -> int:
+        return sum(s.element_size() * s.nelement() for s in self.seqs)
+
+
 @dataclass
 class Experience:
     """One step of the stream: its classes (labels after the class-order remap),
@@ -129,6 +208,7 @@ class Experience:
     task_label: int
     name: str = ""
     valid: TensorData | None = None
+    metric: str = "accuracy"  # instruction tasks: exact | rouge_l | edit_similarity (how generations are scored)
 
 
 @dataclass
@@ -155,6 +235,9 @@ class Stream:
     batch_size: int | None = None  # the stream batch of an online scenario
     info: dict = field(default_factory=dict)  # dataset, pool, pretraining... for results.json
     scorer: Callable | None = None  # (predict output, batch, classes, task_aware) -> (correct, correct_task_aware)
+    # instruction streams: scores generations at full evaluations, (strategy, batch, experience) -> score sum
+    generative_scorer: Callable | None = None
+    probe: object = None  # instruction streams: a cl.evaluation.text.RetentionProbe (general prompts)
 
     def __iter__(self) -> Iterator[Experience]:
         return iter(self.experiences)

@@ -132,8 +132,10 @@ class Evaluator:
         return data.subset(torch.randperm(len(data), generator=g)[: self.subset_size].sort().values)
 
     # ---- measuring ----------------------------------------------------------------
-    def accuracy(self, j: int, data: TensorData) -> tuple[float, float | None]:
-        """(task-agnostic accuracy, task-aware accuracy or None) of the current model on `data`."""
+    def accuracy(self, j: int, data: TensorData, full: bool = False) -> tuple[float, float | None]:
+        """(task-agnostic accuracy, task-aware accuracy or None) of the current model on `data`.
+        Instruction streams score generations at full evaluations (`stream.generative_scorer`)."""
+        generative = self.stream.generative_scorer if full else None
         classes = torch.tensor(self.stream[j].classes, device=self.device)
         correct = correct_aware = 0
         for batch in data.batches(self.batch_size):
@@ -142,7 +144,10 @@ class Evaluator:
                 batch.x = self.stream.eval_transform(batch.x)
             if not self.stream.task_aware:
                 batch.t = torch.full_like(batch.t, -1)
-            c, ca = self.scorer(self.strategy.predict(batch), batch, classes, self.task_aware_available)
+            if generative is not None:
+                c, ca = generative(self.strategy, batch, self.stream[j])
+            else:
+                c, ca = self.scorer(self.strategy.predict(batch), batch, classes, self.task_aware_available)
             correct += c
             correct_aware += ca
         n = max(len(data), 1)
@@ -158,7 +163,7 @@ class Evaluator:
                         data = data.subset(torch.randperm(len(data), generator=self.generator)[: self.subset_size])
                     elif self.subsets[j] is not None:
                         data = self.subsets[j]
-                acc, acc_aware = self.accuracy(j, data)
+                acc, acc_aware = self.accuracy(j, data, full)
                 out.append((acc, acc_aware))
                 event = {"event": "eval", "iteration": iteration, "experience": training_exp,
                          "eval_experience": j, "accuracy": acc, "n": len(data), "full": full}
@@ -198,6 +203,7 @@ class Evaluator:
             res = self._evaluate(list(range(len(self.stream))), True, 0, -1)
         finally:
             strategy.model = model
+        self._retention(-1, 0)
         self.initial_row = [a for a, _ in res]
         self.initial_row_task_aware = [a for _, a in res] if self.task_aware_available else None
         self.matrix_seconds += time.perf_counter() - start
@@ -216,10 +222,21 @@ class Evaluator:
         self.ends.append(iteration)
         res = self._evaluate(list(range(len(self.stream))), True, iteration, i)
         self.rows.append([a for a, _ in res])
+        self._retention(i, iteration)
         if self.task_aware_available:
             self.rows_task_aware.append([a for _, a in res])
         self.matrix_seconds += time.perf_counter() - start
         return self.rows[-1]
+
+    def _retention(self, i: int, iteration: int) -> None:
+        """The retention probe of instruction streams: base answers first, then agreement with them."""
+        if self.stream.probe is None:
+            return
+        with eval_mode(self.strategy.model):
+            agreement = self.stream.probe.measure(self.strategy, self.device)
+        if agreement is not None:
+            self.log({"event": "retention", "iteration": iteration, "experience": i, "agreement": agreement,
+                      "exact_agreement": self.stream.probe.exact[-1]})
 
     # ---- results -------------------------------------------------------------------
     @property
@@ -258,6 +275,10 @@ class Evaluator:
                 "experience_ends": self.ends,
             },
         }
+        if self.stream.probe is not None:
+            out["retention"] = self.stream.probe.results()
+            if self.stream.probe.agreement:
+                out["metrics"]["retention"] = self.stream.probe.agreement[-1]
         if self.task_aware_available:
             other = self.rows if aware else self.rows_task_aware
             name = "task_agnostic" if aware else "task_aware"
@@ -274,6 +295,7 @@ class Evaluator:
             "generator": self.generator.get_state(), "eval_seconds": self.eval_seconds,
             "matrix_seconds": self.matrix_seconds,
             "wall": self.clock_offset + time.perf_counter() - self.clock_start,
+            "probe": self.stream.probe.state_dict() if self.stream.probe is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -287,3 +309,5 @@ class Evaluator:
         self.generator.set_state(state["generator"])
         self.eval_seconds, self.matrix_seconds = state["eval_seconds"], state["matrix_seconds"]
         self.clock_offset, self.clock_start = state["wall"], time.perf_counter()
+        if self.stream.probe is not None and state.get("probe") is not None:
+            self.stream.probe.load_state_dict(state["probe"])

@@ -1,0 +1,117 @@
+"""How instruction tasks are scored.
+
+- Continual evaluation (every `every` iterations): **teacher-forced exact match**,
+  one forward pass per batch: a sample counts when the argmax at every response
+  position (answer tokens and eos) is the reference token.
+- Full evaluations (the accuracy matrix): **generation**, greedy, then the task's
+  metric on the decoded text: `exact` (exact match after stripping), `rouge_l`
+  (ROUGE-L F1 over whitespace tokens, for free-form tasks) or `edit_similarity`
+  (difflib's ratio, TRACE's Py150 metric).
+- **Retention probe**: general prompts answered greedily by the model before any
+  tuning; after each task the same prompts are answered again and scored against
+  those base answers (ROUGE-L F1, and the exact-agreement rate). It measures how
+  much pretrained behaviour survives, the forgetting HFT is about.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+
+from torch import Tensor
+
+from cl.errors import UserError
+from cl.stream import Batch, TokenData
+
+METRICS = ("exact", "rouge_l", "edit_similarity")
+
+
+class _Whitespace:
+    """rouge_score's default tokenizer drops every non-ASCII character; whitespace keeps every language."""
+
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return text.lower().split()
+
+
+@functools.cache
+def _rouge():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=_Whitespace())
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(" ".join(prediction.split()) == " ".join(reference.split()))
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    return _rouge().score(reference, prediction)["rougeL"].fmeasure
+
+
+def edit_similarity(prediction: str, reference: str) -> float:
+    return difflib.SequenceMatcher(None, prediction, reference).ratio()
+
+
+SCORERS = {"exact": exact_match, "rouge_l": rouge_l, "edit_similarity": edit_similarity}
+
+
+def check_metric(metric: str, task: str) -> str:
+    if metric not in SCORERS:
+        raise UserError(f"Task {task} has metric {metric!r}; use one of {', '.join(METRICS)}.")
+    return metric
+
+
+def teacher_forced_scores(logits: Tensor, batch: Batch, classes, task_aware: bool) -> tuple[int, int]:
+    """Samples whose every response token is the argmax under teacher forcing."""
+    targets = batch.y
+    hit = (logits.argmax(-1) == targets) | (targets == -100)
+    return int(hit.all(1).sum()), 0
+
+
+def generated_scores(strategy, batch: Batch, exp) -> tuple[float, int]:
+    """Sum of the experience's metric over greedy generations of the batch."""
+    outputs = strategy.generate(batch, batch.extra["max_new_tokens"])
+    score = SCORERS[exp.metric]
+    return sum(score(o, a) for o, a in zip(outputs, batch.extra["answers"])), 0
+
+
+class RetentionProbe:
+    """Agreement with the base model's own answers to general prompts."""
+
+    def __init__(self, prompts: TokenData, max_new_tokens: int = 32, batch_size: int = 16):
+        self.prompts = prompts
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.reference: list[str] | None = None
+        self.agreement: list[float] = []
+        self.exact: list[float] = []
+
+    def answers(self, strategy, device) -> list[str]:
+        out: list[str] = []
+        for batch in self.prompts.batches(self.batch_size):
+            out += strategy.generate(batch.to(device), self.max_new_tokens)
+        return out
+
+    def measure(self, strategy, device) -> float | None:
+        """The first call records the base answers; later ones score agreement with them."""
+        answers = self.answers(strategy, device)
+        if self.reference is None:
+            self.reference = answers
+            return None
+        self.agreement.append(sum(map(rouge_l, answers, self.reference)) / len(answers))
+        self.exact.append(sum(map(exact_match, answers, self.reference)) / len(answers))
+        return self.agreement[-1]
+
+    def results(self) -> dict:
+        return {"prompts": len(self.prompts), "max_new_tokens": self.max_new_tokens,
+                "reference": "greedy answers of the model before any training",
+                "agreement": self.agreement, "exact_agreement": self.exact,
+                "metric": "ROUGE-L F1 against the base answers, after each experience",
+                "base_answers": self.reference}
+
+    def state_dict(self) -> dict:
+        return {"reference": self.reference, "agreement": self.agreement, "exact": self.exact}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.reference, self.agreement, self.exact = state["reference"], list(state["agreement"]), list(state["exact"])
+

@@ -1,0 +1,285 @@
+"""Continual instruction tuning: a stream of instruction tasks for causal LMs.
+
+A task's examples come from one of three sources (a task entry in the config):
+
+- `generator: <name>`: the built-in suite, generated offline from a seed (below);
+- `path: <folder>` holding train/test files, or `train: <file>`, `test: <file>`:
+  local JSON (a list of records) or JSONL, read through the field mapping
+  `fields: {instruction: ..., input: ..., output: ...}` (TRACE: `{instruction: prompt,
+  input: null, output: answer}`);
+- `hub: <dataset name>` (+ `config`, `train_split`, `test_split`): an HF `datasets`
+  dataset, for users with a network.
+
+Each example becomes one user turn, `prompt_format` of its input and instruction
+(by default the input, then the instruction as the last line, as CoIN writes
+them), put through the tokenizer's chat template with the generation prompt; the
+response is the output's tokens plus eos. Only response tokens carry loss.
+
+The built-in suite (each generator draws distinct train and test items):
+
+| task | instruction (the template LCIA groups by) | metric |
+|---|---|---|
+| sentiment | Answer with a single word. | exact |
+| word_reversal | Reverse the order of the words in the sentence. | rouge_l |
+| number_to_word | Answer with a single word. | exact |
+| arithmetic | Compute the expression and reply with the number only. | exact |
+| uppercase | Answer with a single word. | exact |
+
+Tasks 1, 3 and 5 share their template; 2 and 4 have their own (LCIA groups
+{1,3,5}, {2}, {4} at τ = 0.9).
+"""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from cl.errors import UserError
+from cl.evaluation.text import RetentionProbe, check_metric, generated_scores, teacher_forced_scores
+from cl.stream import Experience, Stream, TokenData
+
+SINGLE_WORD = "Answer with a single word."
+POSITIVE = ["wonderful", "great", "delightful", "excellent", "friendly", "lovely", "superb", "pleasant", "brilliant",
+            "charming", "tasty", "fantastic", "enjoyable", "amazing", "cozy", "generous"]
+NEGATIVE = ["terrible", "awful", "rude", "boring", "dreadful", "bland", "horrible", "disappointing", "dirty", "noisy",
+            "slow", "poor", "unpleasant", "cold", "stale", "broken"]
+SUBJECTS = ["the food", "the service", "the room", "the staff", "the movie", "the music", "the book", "the coffee",
+            "the hotel", "the show", "the game", "the trip"]
+WORDS = ["apple", "river", "garden", "window", "planet", "silver", "forest", "candle", "yellow", "bridge", "winter",
+         "market", "pencil", "island", "rocket", "thunder", "violet", "harbor", "meadow", "lantern", "castle", "desert",
+         "falcon", "marble", "orange", "pepper", "ribbon", "shadow", "tunnel", "valley", "wagon", "zebra", "anchor",
+         "button", "cotton", "dragon", "engine", "feather", "guitar", "hammer", "jacket", "kettle", "ladder", "mirror",
+         "needle", "oyster", "pillow", "quartz", "saddle", "tomato", "velvet", "walnut", "basket", "cactus", "dollar"]
+ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+        "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
+TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
+
+
+def number_word(n: int) -> str:
+    if n < 20:
+        return ONES[n]
+    tens, ones = divmod(n, 10)
+    return TENS[tens] + ("" if ones == 0 else "-" + ONES[ones])
+
+
+def _sentiment(rng: random.Random):
+    positive = rng.random() < 0.5
+    words = rng.sample(POSITIVE if positive else NEGATIVE, 2)
+    a, b = rng.sample(SUBJECTS, 2)
+    text = f"Review: {a} was {words[0]} and {b} was {words[1]}.\nIs this review positive or negative?"
+    return text, SINGLE_WORD, "positive" if positive else "negative"
+
+
+def _word_reversal(rng: random.Random):
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    return " ".join(words), "Reverse the order of the words in the sentence.", " ".join(reversed(words))
+
+
+def _number_to_word(rng: random.Random):
+    n = rng.randint(0, 99)
+    return f"Write the number {n} in English.", SINGLE_WORD, number_word(n)
+
+
+def _arithmetic(rng: random.Random):
+    a, b = rng.randint(0, 50), rng.randint(0, 49)
+    op = rng.choice("+-")
+    a, b = (a, b) if op == "+" or a >= b else (b, a)
+    return f"{a} {op} {b}", "Compute the expression and reply with the number only.", str(a + b if op == "+" else a - b)
+
+
+def _uppercase(rng: random.Random):
+    word = rng.choice(WORDS)
+    return f"Write the word '{word}' in upper case.", SINGLE_WORD, word.upper()
+
+
+GENERATORS = {"sentiment": (_sentiment, "exact"), "word_reversal": (_word_reversal, "rouge_l"),
+              "number_to_word": (_number_to_word, "exact"), "arithmetic": (_arithmetic, "exact"),
+              "uppercase": (_uppercase, "exact")}
+
+GENERAL_PROMPTS = [
+    "What is the capital of France?", "Name three primary colors.", "What is the boiling point of water in Celsius?",
+    "Who wrote Romeo and Juliet?", "Give me a synonym for happy.", "What is the largest planet in our solar system?",
+    "How many days are in a week?", "Translate 'thank you' into Spanish.", "What do bees make?",
+    "Write a short greeting for a friend.", "What is the opposite of cold?", "Name a fruit that is yellow.",
+    "What is the chemical symbol for water?", "How many legs does a spider have?", "What color is the sky on a clear day?",
+    "Suggest a name for a pet cat.", "What is 7 times 8?", "Which ocean is the largest?",
+    "Describe the moon in one sentence.", "What language is spoken in Brazil?", "What is the freezing point of water?",
+    "Name an animal that lives in the sea.", "What is the main ingredient of bread?", "Who painted the Mona Lisa?",
+]
+
+
+def generate_examples(name: str, n: int, seed: int) -> list[tuple[str, str, str]]:
+    """`n` distinct (input, instruction, output) examples of a built-in task."""
+    if name not in GENERATORS:
+        raise UserError(f"generator={name} is not a built-in task; choose one of {', '.join(GENERATORS)}.")
+    make = GENERATORS[name][0]
+    rng = random.Random(f"{name}:{seed}")
+    seen, out = set(), []
+    for _ in range(200 * n):
+        ex = make(rng)
+        if ex[0] not in seen:
+            seen.add(ex[0])
+            out.append(ex)
+            if len(out) == n:
+                return out
+    return out  # the task has fewer distinct items than asked for
+
+
+def _read_records(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise UserError(f"Instruction file {path} does not exist; fix the task's path/train/test entry.")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid {'JSONL' if path.suffix == '.jsonl' else 'JSON'} (line {e.lineno}); "
+                        "fix the file or convert it to one record per line with .jsonl.") from None
+    if isinstance(data, dict):  # {"data": [...]} or similar: the one list inside
+        lists = [v for v in data.values() if isinstance(v, list)]
+        data = lists[0] if len(lists) == 1 else data
+    if not isinstance(data, list):
+        raise UserError(f"{path} holds no list of records; expected [{{...}}, ...] or one JSON object per line.")
+    return data
+
+
+def _find_split(folder: Path, split: str) -> Path:
+    names = {"train": ["train"], "test": ["test", "eval", "validation", "dev"]}[split]
+    for name in names:
+        for ext in (".jsonl", ".json"):
+            if (folder / f"{name}{ext}").is_file():
+                return folder / f"{name}{ext}"
+    raise UserError(f"No {split} file under {folder}; expected {names[0]}.json or {names[0]}.jsonl there.")
+
+
+def _mapped(records: list[dict], fields: dict, where: str) -> list[tuple[str, str, str]]:
+    out = []
+    for k, r in enumerate(records):
+        def get(key):
+            name = fields.get(key)
+            if name is None:
+                return ""
+            if name not in r:
+                raise UserError(f"Record {k} of {where} has no field {name!r} (scenario fields.{key}); "
+                                f"its fields are {sorted(r)[:8]}; set fields.{key} to one of them.")
+            return str(r[name])
+        out.append((get("input"), get("instruction"), get("output")))
+    return out
+
+
+def _hub_records(task: dict, split: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("hub tasks need the datasets package: pip install datasets.") from None
+    try:
+        ds = datasets.load_dataset(task["hub"], task.get("config"), split=task.get(f"{split}_split", split))
+    except Exception as e:  # noqa: BLE001 - offline, missing or private datasets all get one answer
+        raise UserError(f"Could not load the hub dataset {task['hub']} ({type(e).__name__}); on an offline machine "
+                        "download it elsewhere and point the task at local files with path: <folder>.") from None
+    return [dict(r) for r in ds]
+
+
+def load_task(task: dict, fields: dict, seed: int, n_train: int | None, n_test: int | None):
+    """(train examples, test examples, metric) of one task entry."""
+    name = task.get("name") or task.get("generator") or task.get("hub") or Path(str(task.get("path", "task"))).name
+    fields = {**fields, **(task.get("fields") or {})}
+    if task.get("generator"):
+        metric = task.get("metric") or GENERATORS.get(task["generator"], (None, "exact"))[1]
+        n_train = n_train or task.get("train_size", 500)
+        n_test = n_test or task.get("test_size", 100)
+        examples = generate_examples(task["generator"], n_train + n_test, seed)
+        train, test = examples[:n_train], examples[n_train:]
+        if not test:
+            raise UserError(f"Task {name} has only {len(examples)} distinct examples; lower its train size.")
+    elif task.get("hub"):
+        metric = task.get("metric", "exact")
+        train = _mapped(_hub_records(task, "train"), fields, task["hub"])
+        test = _mapped(_hub_records(task, "test"), fields, task["hub"])
+    elif task.get("path") or task.get("train"):
+        metric = task.get("metric", "exact")
+        folder = Path(str(task["path"])).expanduser() if task.get("path") else None
+        train_p = Path(str(task["train"])).expanduser() if task.get("train") else _find_split(folder, "train")
+        test_p = Path(str(task["test"])).expanduser() if task.get("test") else _find_split(folder, "test")
+        train = _mapped(_read_records(train_p), fields, str(train_p))
+        test = _mapped(_read_records(test_p), fields, str(test_p))
+    else:
+        raise UserError(f"Task entry {dict(task)} names no source; give it generator:, path:, train:/test: or hub:.")
+    rng = random.Random(seed)
+    if n_train and len(train) > n_train:
+        train = rng.sample(train, n_train)
+    if n_test and len(test) > n_test:
+        test = rng.sample(test, n_test)
+    return name, train, test, check_metric(metric, name)
+
+
+def tokenize(tokenizer, examples: Sequence[tuple[str, str, str]], prompt_format: str, max_length: int,
+             system: str | None = None) -> TokenData:
+    """Chat-template prompts plus response tokens (answer + eos); prompts are cut from
+    the left if a sequence exceeds `max_length` (the template's end is kept)."""
+    seqs, plens, answers, instructions = [], [], [], []
+    eos = tokenizer.eos_token_id
+    for inp, instruction, output in examples:
+        text = prompt_format.format(input=inp, instruction=instruction).strip()
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        prompt = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"])
+        response = tokenizer(output, add_special_tokens=False)["input_ids"][: max_length // 2] + [eos]
+        prompt = prompt[-(max_length - len(response)):]
+        seqs.append(torch.tensor(prompt + response, dtype=torch.long))
+        plens.append(len(prompt))
+        answers.append(output)
+        instructions.append(instruction.strip().splitlines()[-1] if instruction.strip() else text.splitlines()[-1])
+    return TokenData(seqs, torch.tensor(plens), answers, instructions, tokenizer.pad_token_id)
+
+
+def instruction_stream(
+    tasks: Sequence[dict],
+    tokenizer: str = "tiny",
+    cache_dir: str = "data/models",
+    fields: dict | None = None,
+    prompt_format: str = "{input}\n{instruction}",
+    system: str | None = None,
+    max_length: int = 256,
+    train_size: int | None = None,
+    test_size: int | None = None,
+    seed: int = 0,
+    name: str = "instructions",
+    retention: dict | None = None,
+) -> Stream:
+    """One experience per task, in the order given; `tokenizer` is the model's
+    `pretrained` (the same tokenizer the model decodes with)."""
+    from cl.models.causal_lm import load_tokenizer
+
+    if not tasks:
+        raise UserError("scenario.tasks is empty; list at least one instruction task.")
+    tok = load_tokenizer(tokenizer, cache_dir)
+    fields = dict(fields or {"instruction": "instruction", "input": "input", "output": "output"})
+    experiences, names = [], []
+    for i, task in enumerate(tasks):
+        task_name, train, test, metric = load_task(dict(task), fields, seed + 7919 * i, train_size, test_size)
+        experiences.append(Experience(
+            index=i, classes=[], task_label=i, name=task_name, metric=metric,
+            train=tokenize(tok, train, prompt_format, max_length, system).with_task(i),
+            eval=tokenize(tok, test, prompt_format, max_length, system).with_task(i)))
+        names.append(task_name)
+    probe = None
+    retention = dict(retention or {})
+    prompts = retention.get("prompts", GENERAL_PROMPTS)
+    if prompts:
+        examples = [("", p, "") for p in prompts[: retention.get("size") or len(prompts)]]
+        probe = RetentionProbe(tokenize(tok, examples, "{instruction}", max_length, system),
+                               retention.get("max_new_tokens", 32), retention.get("batch_size", 16))
+    return Stream(
+        experiences=experiences, setting="instruction", name=name, num_classes=0, input_shape=(max_length,),
+        scorer=teacher_forced_scores, generative_scorer=generated_scores, probe=probe,
+        info={"tasks": names, "metrics": [e.metric for e in experiences],
+              "train_sizes": [len(e.train) for e in experiences], "test_sizes": [len(e.eval) for e in experiences],
+              "tokenizer": tokenizer, "prompt_format": prompt_format,
+              "score": "full evaluations: greedy generation scored by each task's metric; continual evaluation: "
+                       "teacher-forced exact match on the response tokens"},
+    )

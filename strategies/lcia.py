@@ -1,0 +1,293 @@
+"""LCIA: Large Continual Instruction Assistant (Qiao et al., ICML 2025; code JingyangQiao/CoIN).
+
+Two parts, as in the official code:
+
+*Dynamic EMA* (`DynamicEMA`, the code's `ema_update`, right after `optimizer.step()`),
+per trainable tensor θ with L1 norms over the whole tensor:
+
+    a = ‖θ_t − θ*_{t−1}‖₁,  b = ‖g_t‖₁,  c = ‖g_t − g_{t−1}‖₁
+    β_t = 2(1 + b) / (a·c),  and β_t = 0.01 if β_t ∉ (0, 1) or there is no g_{t−1}
+    θ* ← (1 − β_t)·θ* + β_t·θ_t,  g_{t−1} ← g_t
+
+θ* starts as a copy of θ at the first update; at the task's end θ ← θ* (the live
+weights are never blended during training). On small tensors β_t is mostly out
+of range, which makes DEMA a fixed EMA(0.99): the fallback rate and a histogram of
+β_t are logged and in results.json. `fixed_beta` gives the fixed-EMA baseline.
+
+*Instruction grouping* (the code's `LoRASelect.py`): a task's unique instructions
+are compared with each group's stored ones by the mean, over all pairs, of the
+cosine of TF-IDF vectors fit on that pair alone (sklearn, stop_words='english').
+If the best group reaches τ its LoRA is retrained, from its latest weights, with
+DEMA on, and the new instructions join the group; otherwise a new group gets a new
+LoRA initialised from the most recently trained one, with DEMA off. At test time
+each evaluation batch (the samples of one test set) routes to its best group if
+that reaches τ, else to the newest group.
+"""
+from __future__ import annotations
+
+import functools
+import random
+import warnings
+
+import numpy as np
+import torch
+
+from cl.errors import UserError
+from cl.stream import Batch, Experience
+from cl.strategy import Strategy
+from strategies.lora import adapter_state, add_lora, load_adapter_state, lora_config
+
+BETA_BINS = np.logspace(-8, 0, 17)  # histogram edges of β_t (the fallback 0.01 falls in its bin)
+
+
+class DynamicEMA:
+    def __init__(self, params: dict[str, torch.nn.Parameter], fallback: float = 0.01, fixed_beta: float | None = None):
+        self.params = params
+        self.fallback = fallback
+        self.fixed_beta = fixed_beta
+        self.star: dict[str, torch.Tensor] = {}
+        self.prev_grad: dict[str, torch.Tensor] = {}
+        self.updates = 0
+        self.fallbacks = 0
+        self.histogram = np.zeros(len(BETA_BINS) - 1, dtype=np.int64)
+        self.reasons = {"no_previous_gradient": 0, "at_least_one": 0, "not_positive_or_undefined": 0}
+
+    def beta(self, name: str, theta: torch.Tensor, grad: torch.Tensor) -> tuple[float, bool]:
+        """(β_t, whether it is the fallback) for one tensor."""
+        if self.fixed_beta is not None:
+            return self.fixed_beta, False
+        prev = self.prev_grad.get(name)
+        if prev is None:
+            self.reasons["no_previous_gradient"] += 1
+            return self.fallback, True
+        a = float((theta - self.star[name]).abs().sum())
+        b = float(grad.abs().sum())
+        c = float((grad - prev).abs().sum())
+        with np.errstate(divide="ignore", invalid="ignore"):
+            beta = float(np.float64(2 * (1 + b)) / np.float64(a * c))
+        if not 0 < beta < 1:  # also inf and nan (a = 0 or c = 0)
+            self.reasons["at_least_one" if 1 <= beta < float("inf") else "not_positive_or_undefined"] += 1
+            return self.fallback, True
+        return beta, False
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, p in self.params.items():
+            if name not in self.star:
+                self.star[name] = p.detach().clone()
+            if p.grad is None:  # the official try/except: a missing gradient falls back too
+                beta, fell = self.fallback, True
+                grad = None
+            else:
+                grad = p.grad.detach()
+                beta, fell = self.beta(name, p.detach(), grad)
+            self.star[name].mul_(1 - beta).add_(p.detach(), alpha=beta)
+            if grad is not None:
+                self.prev_grad[name] = grad.clone()
+            self.updates += 1
+            self.fallbacks += fell
+            self.histogram[min(max(np.searchsorted(BETA_BINS, beta, side="right") - 1, 0), len(self.histogram) - 1)] += 1
+
+    @torch.no_grad()
+    def replace(self) -> None:
+        """θ ← θ* (the task's end)."""
+        for name, p in self.params.items():
+            if name in self.star:
+                p.copy_(self.star[name])
+
+    @property
+    def fallback_rate(self) -> float:
+        return self.fallbacks / self.updates if self.updates else 0.0
+
+    def stats(self) -> dict:
+        return {"updates": self.updates, "fallbacks": self.fallbacks, "fallback_rate": self.fallback_rate,
+                "fallback_reasons": dict(self.reasons),
+                "beta_histogram": {"edges": BETA_BINS.tolist(), "counts": self.histogram.tolist()}}
+
+
+@functools.lru_cache(maxsize=65536)
+def pair_similarity(x: str, h: str) -> float:
+    """Cosine of the TF-IDF vectors of x and h, fit on this pair only (sklearn defaults, English stop words)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    try:
+        v = TfidfVectorizer(stop_words="english").fit_transform([x, h])
+    except ValueError:  # only stop words: an empty vocabulary
+        warnings.warn(f"instruction pair made only of stop words ({x!r}, {h!r}); similarity 0.", stacklevel=2)
+        return 0.0
+    return float(cosine_similarity(v[0], v[1])[0, 0])
+
+
+def set_similarity(current: list[str], stored: list[str]) -> float:
+    return float(np.mean([pair_similarity(x, h) for x in current for h in stored]))
+
+
+class InstructionGroups:
+    def __init__(self, tau: float = 0.9):
+        self.tau = tau
+        self.groups: list[list[str]] = []
+
+    def similarities(self, instructions: list[str]) -> list[float]:
+        return [set_similarity(instructions, h) for h in self.groups]
+
+    def assign(self, instructions: list[str]) -> tuple[int, bool]:
+        """(group, is_new) for a training task; a matched group takes the unseen instructions."""
+        sims = self.similarities(instructions)
+        if sims and max(sims) >= self.tau:
+            g = int(np.argmax(sims))
+            self.groups[g] += [x for x in instructions if x not in self.groups[g]]
+            return g, False
+        self.groups.append(list(dict.fromkeys(instructions)))
+        return len(self.groups) - 1, True
+
+    def route(self, instructions: list[str]) -> int:
+        sims = self.similarities(instructions)
+        best = int(np.argmax(sims))
+        return best if sims[best] >= self.tau else len(self.groups) - 1
+
+
+class LCIA(Strategy):
+    def __init__(self, model, optimizer, scheduler=None, lora: dict | None = None, tau: float = 0.9,
+                 fallback: float = 0.01, fixed_beta: float | None = None, max_instructions: int = 64,
+                 seed: int = 0):
+        super().__init__(model, optimizer, scheduler)
+        if not 0 <= tau <= 1:
+            raise UserError(f"strategy.tau must be in [0, 1], got {tau}.")
+        self.lora = lora_config(**(lora or {}))
+        self.groups = InstructionGroups(tau)
+        self.fallback, self.fixed_beta = fallback, fixed_beta
+        self.max_instructions, self.seed = max_instructions, seed
+        self.group_of_task: list[int] = []
+        self.dema_on: list[bool] = []
+        self.dema_stats: list[dict] = []
+        self.ema: DynamicEMA | None = None
+        self.active: str | None = None  # the adapter being trained
+        self.latest: str | None = None  # the adapter trained most recently (a new group's initialisation)
+        self._routes: dict[tuple, int] = {}
+
+    @staticmethod
+    def name(group: int) -> str:
+        return f"group{group}"
+
+    def instructions(self, data) -> list[str]:
+        unique = data.instruction_set
+        if len(unique) > self.max_instructions:
+            unique = sorted(random.Random(self.seed).sample(unique, self.max_instructions))
+        return unique
+
+    def _new_adapter(self, group: int) -> None:
+        from peft import PeftModel
+
+        name = self.name(group)
+        if isinstance(self.model.lm, PeftModel) and name in self.model.lm.peft_config:
+            return
+        add_lora(self.model, name, self.lora)
+        self.model.to(self.device)
+
+    def _copy_adapter(self, source: str, target: str) -> None:
+        with torch.no_grad():
+            params = dict(self.model.named_parameters())
+            for key, p in params.items():
+                if f".{target}." in key:
+                    p.copy_(params[key.replace(f".{target}.", f".{source}.")])
+
+    def _activate(self, name: str) -> None:
+        self.model.lm.set_adapter(name)  # peft: the active adapter trains, the others are frozen
+        for key, p in self.model.named_parameters():
+            p.requires_grad_(f".{name}." in key and "lora_" in key)
+
+    def before_experience(self, exp: Experience) -> None:
+        super().before_experience(exp)
+        group, new = self.groups.assign(self.instructions(exp.train))
+        if new:
+            self._new_adapter(group)
+            if self.latest is not None:  # initialised from the most recent checkpoint, as the scripts do
+                self._copy_adapter(self.latest, self.name(group))
+        self.active = self.name(group)
+        self._activate(self.active)
+        self.group_of_task = self.group_of_task[: exp.index] + [group]
+        self.dema_on = self.dema_on[: exp.index] + [not new]
+        params = {k: p for k, p in self.model.named_parameters() if p.requires_grad}
+        self.ema = DynamicEMA(params, self.fallback, self.fixed_beta) if not new else None
+        self._routes.clear()
+        self.log({"event": "lcia_group", "experience": exp.index, "group": group, "new_group": new,
+                  "dema": not new, "similarities": self.groups.similarities(self.instructions(exp.train))})
+
+    def after_optimizer_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update()
+
+    def after_experience(self, exp: Experience) -> None:
+        stats = {"experience": exp.index, "group": self.group_of_task[-1], "dema": self.ema is not None}
+        if self.ema is not None:
+            self.ema.replace()
+            stats.update(self.ema.stats())
+        self.dema_stats = self.dema_stats[: exp.index] + [stats]
+        self.latest = self.active
+        self.log({"event": "lcia_dema", **stats})
+
+    # ---- inference: route each batch to a group ---------------------------------------
+    def route(self, batch: Batch) -> str | None:
+        if not self.groups.groups:  # before the first task: the base model
+            return None
+        key = tuple(sorted(set(batch.extra["instructions"])))
+        if key not in self._routes:
+            self._routes[key] = self.groups.route(list(key))
+        return self.name(self._routes[key])
+
+    def _routed(self, batch: Batch, call):
+        target = self.route(batch)
+        if target is None or target == self.active:
+            return call()
+        self.model.lm.set_adapter(target)
+        try:
+            return call()
+        finally:
+            self._activate(self.active)
+
+    @torch.no_grad()
+    def predict(self, batch: Batch):
+        return self._routed(batch, lambda: self.model(batch.x))
+
+    @torch.no_grad()
+    def generate(self, batch: Batch, max_new_tokens: int) -> list[str]:
+        return self._routed(batch, lambda: super(LCIA, self).generate(batch, max_new_tokens))
+
+    # ---- results and checkpoints -----------------------------------------------------------
+    def results(self) -> dict:
+        trained = [s for s in self.dema_stats if s["dema"]]
+        updates = sum(s["updates"] for s in trained)
+        counts = np.sum([s["beta_histogram"]["counts"] for s in trained], axis=0).tolist() if trained else []
+        return {"groups": self.groups.groups, "group_of_task": self.group_of_task, "tau": self.groups.tau,
+                "dema_on": self.dema_on, "per_task": self.dema_stats,
+                "fallback_rate": sum(s["fallbacks"] for s in trained) / updates if updates else None,
+                "beta_histogram": {"edges": BETA_BINS.tolist(), "counts": counts}}
+
+    def state_dict(self) -> dict:
+        return {"adapters": adapter_state(self.model), "groups": self.groups.groups,
+                "group_of_task": self.group_of_task, "dema_on": self.dema_on, "dema_stats": self.dema_stats,
+                "active": self.active, "latest": self.latest,
+                "ema": None if self.ema is None else {"star": self.ema.star, "prev_grad": self.ema.prev_grad,
+                                                       "updates": self.ema.updates, "fallbacks": self.ema.fallbacks,
+                                                       "histogram": self.ema.histogram.copy(),
+                                                       "reasons": dict(self.ema.reasons)}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.groups.groups = [list(g) for g in state["groups"]]
+        for g in range(len(self.groups.groups)):
+            self._new_adapter(g)
+        load_adapter_state(self.model, state["adapters"])
+        self.group_of_task, self.dema_on = list(state["group_of_task"]), list(state["dema_on"])
+        self.dema_stats, self.active, self.latest = list(state["dema_stats"]), state["active"], state["latest"]
+        if self.active is not None:
+            self._activate(self.active)
+        self.ema = None
+        if state["ema"] is not None:  # a checkpoint inside a DEMA experience
+            params = {k: p for k, p in self.model.named_parameters() if p.requires_grad}
+            self.ema = DynamicEMA(params, self.fallback, self.fixed_beta)
+            self.ema.star = {k: v.to(self.device) for k, v in state["ema"]["star"].items()}
+            self.ema.prev_grad = {k: v.to(self.device) for k, v in state["ema"]["prev_grad"].items()}
+            self.ema.updates, self.ema.fallbacks = state["ema"]["updates"], state["ema"]["fallbacks"]
+            self.ema.histogram = state["ema"]["histogram"].copy()
+            self.ema.reasons = dict(state["ema"]["reasons"])
