@@ -31,7 +31,7 @@ CHECKPOINT = "last.pt"
 class Trainer:
     """`trainer.*` in the config."""
 
-    epochs: int = 1
+    epochs: int | list = 1  # or one count per experience (TRACE trains each task for its own number of epochs)
     batch_size: int = 32
     device: str = "auto"
     precision: str = "32"  # "32" | "bf16" | "16"
@@ -44,7 +44,11 @@ class Trainer:
     deterministic: bool = True  # deterministic kernels (cuDNN/cuBLAS); CPU runs are deterministic anyway
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "log_every", "checkpoint_every"):
+        if isinstance(self.epochs, (list, tuple)):
+            if not self.epochs or any(not isinstance(e, int) or isinstance(e, bool) or e < 1 for e in self.epochs):
+                raise UserError(f"trainer.epochs must be a positive integer or a list of them, got {self.epochs!r}.")
+            self.epochs = list(self.epochs)
+        for name in ("batch_size", "log_every", "checkpoint_every") + (() if isinstance(self.epochs, list) else ("epochs",)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "checkpoint_every" else 1):
                 kind = "a non-negative" if name == "checkpoint_every" else "a positive"
@@ -56,6 +60,15 @@ class Trainer:
             raise UserError(f"trainer.scheduler_interval must be epoch or iteration, not {self.scheduler_interval!r}.")
         if self.clip_grad_norm is not None and not (isinstance(self.clip_grad_norm, (int, float)) and self.clip_grad_norm > 0):
             raise UserError(f"trainer.clip_grad_norm must be a positive number or null, got {self.clip_grad_norm!r}.")
+
+    def epochs_at(self, i: int) -> int:
+        """Epochs of experience i (a list gives one per experience)."""
+        if not isinstance(self.epochs, list):
+            return self.epochs
+        if i >= len(self.epochs):
+            raise UserError(f"trainer.epochs lists {len(self.epochs)} counts but the stream has more experiences; "
+                            "give one per experience.")
+        return self.epochs[i]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -224,7 +237,7 @@ def train(
         params = [p for group in optimizer.param_groups for p in group["params"]]
 
         data = strategy.train_dataset(exp)
-        epochs = 1 if stream.online else trainer.epochs
+        epochs = 1 if stream.online else trainer.epochs_at(i)
         batch_size = stream.batch_size if (stream.online and stream.batch_size) else trainer.batch_size
         per_epoch = data.num_batches(batch_size, trainer.drop_last) if len(data) else 0
         log({"event": "resume" if resuming else "experience_start", "experience": i, "of": len(stream),

@@ -80,7 +80,8 @@ def _word_reversal(rng: random.Random):
 
 def _number_to_word(rng: random.Random):
     n = rng.randint(0, 99)
-    return f"Write the number {n} in English.", SINGLE_WORD, number_word(n)
+    question = rng.choice(["Write the number {n} in English.", "How is {n} written in words?", "Spell out the number {n}."])
+    return question.format(n=n), SINGLE_WORD, number_word(n)
 
 
 def _arithmetic(rng: random.Random):
@@ -90,8 +91,13 @@ def _arithmetic(rng: random.Random):
     return f"{a} {op} {b}", "Compute the expression and reply with the number only.", str(a + b if op == "+" else a - b)
 
 
+def pseudo_word(rng: random.Random) -> str:
+    """A pronounceable made-up word (2-3 syllables), so upper-casing is a skill, not a lookup."""
+    return "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(rng.randint(2, 3)))
+
+
 def _uppercase(rng: random.Random):
-    word = rng.choice(WORDS)
+    word = pseudo_word(rng)
     return f"Write the word '{word}' in upper case.", SINGLE_WORD, word.upper()
 
 

@@ -52,23 +52,21 @@ class DynamicEMA:
         self.histogram = np.zeros(len(BETA_BINS) - 1, dtype=np.int64)
         self.reasons = {"no_previous_gradient": 0, "at_least_one": 0, "not_positive_or_undefined": 0}
 
-    def beta(self, name: str, theta: torch.Tensor, grad: torch.Tensor) -> tuple[float, bool]:
-        """(β_t, whether it is the fallback) for one tensor."""
+    def beta(self, name: str, theta: torch.Tensor, grad: torch.Tensor) -> tuple[float, str | None]:
+        """(β_t, why it is the fallback or None) for one tensor."""
         if self.fixed_beta is not None:
-            return self.fixed_beta, False
+            return self.fixed_beta, None
         prev = self.prev_grad.get(name)
         if prev is None:
-            self.reasons["no_previous_gradient"] += 1
-            return self.fallback, True
+            return self.fallback, "no_previous_gradient"
         a = float((theta - self.star[name]).abs().sum())
         b = float(grad.abs().sum())
         c = float((grad - prev).abs().sum())
         with np.errstate(divide="ignore", invalid="ignore"):
             beta = float(np.float64(2 * (1 + b)) / np.float64(a * c))
         if not 0 < beta < 1:  # also inf and nan (a = 0 or c = 0)
-            self.reasons["at_least_one" if 1 <= beta < float("inf") else "not_positive_or_undefined"] += 1
-            return self.fallback, True
-        return beta, False
+            return self.fallback, "at_least_one" if 1 <= beta < float("inf") else "not_positive_or_undefined"
+        return beta, None
 
     @torch.no_grad()
     def update(self) -> None:
@@ -76,16 +74,17 @@ class DynamicEMA:
             if name not in self.star:
                 self.star[name] = p.detach().clone()
             if p.grad is None:  # the official try/except: a missing gradient falls back too
-                beta, fell = self.fallback, True
-                grad = None
+                beta, reason, grad = self.fallback, "not_positive_or_undefined", None
             else:
                 grad = p.grad.detach()
-                beta, fell = self.beta(name, p.detach(), grad)
+                beta, reason = self.beta(name, p.detach(), grad)
             self.star[name].mul_(1 - beta).add_(p.detach(), alpha=beta)
             if grad is not None:
                 self.prev_grad[name] = grad.clone()
             self.updates += 1
-            self.fallbacks += fell
+            if reason is not None:
+                self.fallbacks += 1
+                self.reasons[reason] += 1
             self.histogram[min(max(np.searchsorted(BETA_BINS, beta, side="right") - 1, 0), len(self.histogram) - 1)] += 1
 
     @torch.no_grad()

@@ -62,5 +62,6 @@ def data_root(tmp_path_factory) -> Path:
     datafiles.write_image_folder(root / "imagenet-r")
     datafiles.write_image_folder(root / "cub", classes=4)
     datafiles.write_image_folder(root / "imagenet", classes=5, splits=("train", "val"))
+    datafiles.write_trace(root / "TRACE")
     (root / "imagenet100.txt").write_text("\n".join(f"n{c:08d}" for c in (3, 1, 4, 0)) + "\n")
     return root

@@ -103,3 +103,21 @@ def write_image_folder(root: Path, classes: int = 6, per_class_train: int = 4, p
                 img = _images(rng, 1, (size[0], size[1], 3), [c])[0]
                 Image.fromarray(img).save(d / f"{c}_{i}.png")
     return Path(root)
+
+
+TRACE_TASKS = ["C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
+
+
+def write_trace(root: Path, n_train: int = 10, n_test: int = 4) -> Path:
+    """TRACE's released layout: <root>/<Task>/{train,eval,test}.json, each a JSON list of
+    {"prompt": ..., "answer": ...} records (the prompt holds instruction and input)."""
+    import json
+
+    for k, task in enumerate(TRACE_TASKS):
+        folder = Path(root) / task
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, n in (("train", n_train), ("eval", n_test), ("test", n_test)):
+            records = [{"prompt": f"Task {task}: classify item {i} of {split}.\nAnswer:", "answer": "ABC"[(i + k) % 3]}
+                       for i in range(n)]
+            (folder / f"{split}.json").write_text(json.dumps(records, ensure_ascii=False, indent=1))
+    return Path(root)

@@ -7,6 +7,9 @@ import torch
 
 from strategies.clr import CLR
 from strategies.dst import DST
+from strategies.hft import HFT
+from strategies.lcia import LCIA
+from strategies.lm_replay import LMReplay
 from strategies.mos import MOS
 from strategies.replay import DERPP, ER, ERACE
 
@@ -55,6 +58,18 @@ class CrashingMOS(Crash, MOS):
     pass
 
 
+class CrashingHFT(Crash, HFT):
+    pass
+
+
+class CrashingLCIA(Crash, LCIA):
+    pass
+
+
+class CrashingLMReplay(Crash, LMReplay):
+    pass
+
+
 class NaNLoss(ER):
     """ER whose loss turns NaN at step `at`."""
 
@@ -67,3 +82,19 @@ class NaNLoss(ER):
         self.steps += 1
         loss = super().training_step(batch)
         return loss * torch.tensor(float("nan")) if self.steps >= self.at else loss
+
+
+def train_experience(strategy, exp, steps: int, batch_size: int = 4) -> None:
+    """One experience through the hooks in the engine's order (no evaluator, no logger)."""
+    strategy.before_experience(exp)
+    strategy.configure_optimizer(exp)
+    strategy.model.train()
+    batches = list(exp.train.batches(batch_size, shuffle=True, seed=exp.index))
+    for step in range(steps):
+        loss = strategy.training_step(batches[step % len(batches)].to(strategy.device))
+        loss.backward()
+        strategy.after_backward()
+        strategy.optimizer.step()
+        strategy.after_optimizer_step()
+        strategy.optimizer.zero_grad(set_to_none=True)
+    strategy.after_experience(exp)

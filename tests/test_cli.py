@@ -27,14 +27,17 @@ def assert_run_folder(run_dir: Path) -> dict:
 def test_every_preset_is_tested():
     assert {"er_splitmnist", "finetune_cifar100", "er_cifar100", "derpp_cifar100", "adab2n_online_cifar100",
             "adab2n_derpp_cifar100", "adab2n_online_splitfmnist", "clr_cifar100", "clr_splitfmnist", "dst_cifar100",
-            "dst_splitfmnist", "finetune_til_splitfmnist", "mos_cifar100", "mos_imagenet_r", "simplecil_cifar100"} <= set(PRESETS)
+            "dst_splitfmnist", "finetune_til_splitfmnist", "mos_cifar100", "mos_imagenet_r", "simplecil_cifar100",
+            "finetune_smollm2", "hft_smollm2", "lora_smollm2", "lcia_smollm2", "replay_smollm2",
+            "hft_trace", "lcia_trace", "seqlora_trace"} <= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_preset_runs_end_to_end_under_smoke(preset, data_root, tmp_path):
     out = tmp_path / "run"
     r = cli([f"experiment={preset}", "debug=smoke", f"data_dir={data_root}", f"hydra.run.dir={out}"],
-            env={"CL_FMNIST_DIR": str(data_root / "fashion-mnist")})  # the test's files, not the system's
+            env={"CL_FMNIST_DIR": str(data_root / "fashion-mnist"),  # the test's files, not the system's
+                 "CL_TRACE_DIR": str(data_root / "TRACE")})
     assert r.returncode == 0, r.stderr[-3000:]
     results = assert_run_folder(out)
     assert results["protocol"]["seed"] == 0

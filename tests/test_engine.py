@@ -65,6 +65,21 @@ def test_killed_cnn_method_resumes_to_the_same_numbers(tmp_path, overrides, cras
     assert_resumes_to_the_same_numbers(tmp_path, CNN + overrides, crash_at)
 
 
+LM = ["debug=smoke", "scenario.train_size=10", "trainer.batch_size=4", "trainer.checkpoint_every=2",
+      "trainer.log_every=1", "evaluation.every=2"]
+
+
+@pytest.mark.parametrize("overrides,crash_at", [
+    (["experiment=hft_smollm2", "strategy._target_=tests.helpers.CrashingHFT"], 8),
+    (["experiment=lcia_smollm2", "strategy._target_=tests.helpers.CrashingLCIA"], 9),  # inside task 3: DEMA on
+    (["experiment=replay_smollm2", "strategy._target_=tests.helpers.CrashingLMReplay", "strategy.per_task=3"], 11),
+], ids=["hft", "lcia", "lm_replay"])
+def test_killed_instruction_tuning_run_resumes_to_the_same_numbers(tmp_path, overrides, crash_at):
+    """HFT's selections, LCIA's groups, adapters and EMA state (θ*, g_{t-1}), and the replay
+    memory survive a kill mid-task; generations and the retention probe come out the same."""
+    assert_resumes_to_the_same_numbers(tmp_path, LM + overrides, crash_at)
+
+
 def assert_resumes_to_the_same_numbers(tmp_path, overrides, crash_at):
     try:
         Crash.crash_at = None

