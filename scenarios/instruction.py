@@ -256,18 +256,23 @@ def instruction_stream(
     seed: int = 0,
     name: str = "instructions",
     retention: dict | None = None,
+    root: str | None = None,
 ) -> Stream:
     """One experience per task, in the order given; `tokenizer` is the model's
-    `pretrained` (the same tokenizer the model decodes with)."""
+    `pretrained` (the same tokenizer the model decodes with); relative task paths
+    are under `root`."""
     from cl.models.causal_lm import load_tokenizer
 
     if not tasks:
         raise UserError("scenario.tasks is empty; list at least one instruction task.")
-    tok = load_tokenizer(tokenizer, cache_dir)
     fields = dict(fields or {"instruction": "instruction", "input": "input", "output": "output"})
+    if root is not None:  # relative task files live under root
+        tasks = [{**t, **{k: str(Path(str(root)).expanduser() / str(t[k])) for k in ("path", "train", "test")
+                          if t.get(k) and not Path(str(t[k])).expanduser().is_absolute()}} for t in map(dict, tasks)]
+    loaded = [load_task(dict(task), fields, seed + 7919 * i, train_size, test_size) for i, task in enumerate(tasks)]
+    tok = load_tokenizer(tokenizer, cache_dir)  # after the data, so missing data is named first
     experiences, names = [], []
-    for i, task in enumerate(tasks):
-        task_name, train, test, metric = load_task(dict(task), fields, seed + 7919 * i, train_size, test_size)
+    for i, (task_name, train, test, metric) in enumerate(loaded):
         experiences.append(Experience(
             index=i, classes=[], task_label=i, name=task_name, metric=metric,
             train=tokenize(tok, train, prompt_format, max_length, system).with_task(i),

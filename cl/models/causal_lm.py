@@ -95,21 +95,31 @@ def smollm2_folder(cache_dir: str | Path) -> Path:
     return folder
 
 
-def _hub_source(pretrained: str) -> str:
-    """A local folder as is; a hub name only if it is cached or the hub is reachable."""
-    if Path(pretrained).expanduser().is_dir():
-        return str(Path(pretrained).expanduser())
-    if hub_reachable():
-        return pretrained
+def weights_problem(pretrained: str) -> str | None:
+    """Why the weights named by `pretrained` cannot be had here, or None if they can."""
+    if pretrained == "tiny":
+        return None
+    if pretrained == "smollm2":
+        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+        return None if spec is not None else f"model.pretrained=smollm2 needs the offline SmolLM2 weights: {SMOLLM2_INSTALL}."
+    if Path(pretrained).expanduser().is_dir() or hub_reachable():
+        return None
     from huggingface_hub import try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(pretrained, "config.json"), str):
-        return pretrained
-    raise UserError(
-        f"model.pretrained={pretrained} is neither a local folder nor in the Hugging Face cache, and the hub is "
-        "unreachable; download it on a machine with a network (huggingface-cli download), pass its local folder, "
-        "or use model=smollm2 offline."
-    )
+        return None
+    return (f"model.pretrained={pretrained} is neither a local folder nor in the Hugging Face cache, and the hub is "
+            "unreachable; download it on a machine with a network (hf download), pass its local folder, "
+            "or use model=smollm2 offline.")
+
+
+def _hub_source(pretrained: str) -> str:
+    """A local folder as is; a hub name only if it is cached or the hub is reachable."""
+    problem = weights_problem(pretrained)
+    if problem:
+        raise UserError(problem)
+    path = Path(pretrained).expanduser()
+    return str(path) if path.is_dir() else pretrained
 
 
 @functools.lru_cache(maxsize=8)
