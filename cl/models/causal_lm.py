@@ -147,6 +147,8 @@ class CausalLM(nn.Module):
         super().__init__()
         from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise UserError(f"model.dtype must be float32, bfloat16 or float16, not {dtype!r}.")
         self.pretrained = pretrained
         self.tokenizer = load_tokenizer(pretrained, cache_dir)
         if pretrained == "tiny":
