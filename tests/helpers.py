@@ -10,6 +10,7 @@ from strategies.dst import DST
 from strategies.hft import HFT
 from strategies.lcia import LCIA
 from strategies.lm_replay import LMReplay
+from strategies.lora import SeqLoRA
 from strategies.mos import MOS
 from strategies.replay import DERPP, ER, ERACE
 
@@ -67,6 +68,10 @@ class CrashingLCIA(Crash, LCIA):
 
 
 class CrashingLMReplay(Crash, LMReplay):
+    pass
+
+
+class CrashingSeqLoRA(Crash, SeqLoRA):
     pass
 
 

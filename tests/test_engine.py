@@ -73,7 +73,8 @@ LM = ["debug=smoke", "scenario.train_size=10", "trainer.batch_size=4", "trainer.
     (["experiment=hft_smollm2", "strategy._target_=tests.helpers.CrashingHFT"], 8),
     (["experiment=lcia_smollm2", "strategy._target_=tests.helpers.CrashingLCIA"], 9),  # inside task 3: DEMA on
     (["experiment=replay_smollm2", "strategy._target_=tests.helpers.CrashingLMReplay", "strategy.per_task=3"], 11),
-], ids=["hft", "lcia", "lm_replay"])
+    (["experiment=lora_smollm2", "strategy._target_=tests.helpers.CrashingSeqLoRA"], 5),
+], ids=["hft", "lcia", "lm_replay", "seqlora"])
 def test_killed_instruction_tuning_run_resumes_to_the_same_numbers(tmp_path, overrides, crash_at):
     """HFT's selections, LCIA's groups, adapters and EMA state (θ*, g_{t-1}), and the replay
     memory survive a kill mid-task; generations and the retention probe come out the same."""
@@ -107,3 +108,19 @@ def test_resume_with_a_different_config_lists_the_keys(tmp_path):
         load_resume(compose(SMALL + ["optimizer.lr=0.5"]), tmp_path / "r", ["optimizer.lr"])
     with pytest.raises(UserError, match="no config.yaml"):
         load_resume(compose(SMALL), tmp_path / "nothing", [])
+
+
+def test_epochs_per_experience(tmp_path):
+    """trainer.epochs as a list trains experience i for epochs[i] epochs (TRACE's recipe)."""
+    results = run_inprocess(["experiment=finetune_smollm2", "debug=smoke", "scenario.train_size=8",
+                             "trainer.batch_size=4", "trainer.epochs=[1,3,1,2,1]"], tmp_path / "run")
+    assert results["iterations"] == 2 * (1 + 3 + 1 + 2 + 1)
+    assert results["protocol"]["epochs"] == [1, 3, 1, 2, 1]
+    from cl.engine import Trainer
+    from cl.errors import UserError
+
+    with pytest.raises(UserError, match="a list of them"):
+        Trainer(epochs=[1, 0])
+    with pytest.raises(UserError, match="one per experience"):
+        Trainer(epochs=[1]).epochs_at(1)
+
