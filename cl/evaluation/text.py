@@ -85,6 +85,7 @@ class RetentionProbe:
         self.reference: list[str] | None = None
         self.agreement: list[float] = []
         self.exact: list[float] = []
+        self.last: list[str] | None = None  # the latest answers, to read beside the base ones
 
     def answers(self, strategy, device) -> list[str]:
         out: list[str] = []
@@ -98,6 +99,7 @@ class RetentionProbe:
         if self.reference is None:
             self.reference = answers
             return None
+        self.last = answers
         self.agreement.append(sum(map(rouge_l, answers, self.reference)) / len(answers))
         self.exact.append(sum(map(exact_match, answers, self.reference)) / len(answers))
         return self.agreement[-1]
@@ -107,11 +109,12 @@ class RetentionProbe:
                 "reference": "greedy answers of the model before any training",
                 "agreement": self.agreement, "exact_agreement": self.exact,
                 "metric": "ROUGE-L F1 against the base answers, after each experience",
-                "base_answers": self.reference}
+                "base_answers": self.reference, "last_answers": self.last}
 
     def state_dict(self) -> dict:
-        return {"reference": self.reference, "agreement": self.agreement, "exact": self.exact}
+        return {"reference": self.reference, "agreement": self.agreement, "exact": self.exact, "last": self.last}
 
     def load_state_dict(self, state: dict) -> None:
         self.reference, self.agreement, self.exact = state["reference"], list(state["agreement"]), list(state["exact"])
+        self.last = state.get("last")
 
