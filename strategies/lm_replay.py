@@ -35,6 +35,11 @@ class LMReplay(Strategy):
         self.memory: TokenData | None = None
         self.generator = torch.Generator().manual_seed(seed)
 
+    def setup(self, stream) -> None:
+        if stream.setting != "instruction":
+            raise UserError("strategy=lm_replay replays instruction examples; for image streams use er, er_ace or derpp.")
+        super().setup(stream)
+
     def training_step(self, batch: Batch) -> torch.Tensor:
         k = round(len(batch) * self.fraction / (1 - self.fraction))
         if self.memory is not None and k > 0:
