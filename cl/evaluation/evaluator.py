@@ -17,6 +17,12 @@ from the strategy's `predict` through the stream's scorer (classification by
 default: argmax, and argmax within the experience's classes for task-aware
 accuracy). Outside the task-incremental setting, `predict` sees task label -1.
 
+Instruction streams (`cl.evaluation.text`): continual evaluation is teacher-forced
+exact match (the stream's scorer on `predict`'s logits); full evaluations score
+greedy generations with each task's metric (`stream.generative_scorer` through the
+strategy's `generate`); the stream's retention probe records the base model's
+answers in `initial()` and scores agreement with them at every experience end.
+
 `budget` caps the share of wall time spent in continual evaluation: when the
 share exceeds it, the period doubles. The periods used are in results.json.
 """
