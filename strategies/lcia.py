@@ -198,7 +198,9 @@ class LCIA(Strategy):
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)
-        group, new = self.groups.assign(self.instructions(exp.train))
+        instructions = self.instructions(exp.train)
+        similarities = self.groups.similarities(instructions)  # to the groups as they were before this task
+        group, new = self.groups.assign(instructions)
         if new:
             self._new_adapter(group)
             if self.latest is not None:  # initialised from the most recent checkpoint, as the scripts do
@@ -211,7 +213,7 @@ class LCIA(Strategy):
         self.ema = DynamicEMA(params, self.fallback, self.fixed_beta) if not new else None
         self._routes.clear()
         self.log({"event": "lcia_group", "experience": exp.index, "group": group, "new_group": new,
-                  "dema": not new, "similarities": self.groups.similarities(self.instructions(exp.train))})
+                  "dema": not new, "similarities": similarities})
 
     def after_optimizer_step(self) -> None:
         if self.ema is not None:
