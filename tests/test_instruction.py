@@ -175,3 +175,17 @@ def test_smollm2_loads_from_its_gguf_file_and_answers(tmp_path_factory):
     assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in prompt  # SmolLM2's own template
     answer = stream.probe.answers(Strategy(model, None), "cpu")[0]
     assert "Paris" in answer
+
+
+def test_trace_presets_carry_the_papers_settings():
+    from tests.conftest import compose
+
+    hft = compose(["experiment=hft_trace"])
+    assert list(hft.trainer.epochs) == [5, 3, 7, 5, 3, 5, 5, 7]
+    assert (hft.model.pretrained, hft.optimizer.lr, hft.scenario.max_length) == ("meta-llama/Llama-2-7b-chat-hf", 1e-5, 1536)
+    assert hft.trainer.precision == "bf16" and hft.model.dtype == "float32"  # full fine-tuning keeps float32 weights
+    lcia = compose(["experiment=lcia_trace"])
+    assert (lcia.strategy.lora.r, lcia.strategy.lora.alpha, lcia.strategy.tau, lcia.optimizer.lr) == (128, 256, 0.3, 2e-4)
+    assert compose(["experiment=lcia_trace", "debug=smoke"]).strategy.lora.r == 8
+    assert [t["name"] for t in compose(["experiment=seqlora_trace"]).scenario.tasks] == [
+        "C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
