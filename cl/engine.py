@@ -220,7 +220,10 @@ def train(
             # replay the experience's start exactly as it happened, then overwrite with the saved state
             _set_rng_state(resume["experience_rng"], augment_gen)
         experience_rng = _rng_state(augment_gen)
+        # replaying a resumed experience's start: what the strategy logged then is already in metrics.jsonl
+        strategy.log = (lambda event: None) if resuming else log
         strategy.before_experience(exp)
+        strategy.log = log
         if resuming:
             strategy.load_state_dict(resume["strategy"])
         optimizer, scheduler = strategy.configure_optimizer(exp)

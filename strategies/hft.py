@@ -125,4 +125,6 @@ class HFT(Strategy):
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.selections, self.frozen_fraction = list(state["selections"]), list(state["frozen_fraction"])
+        if self.verify and self.frozen:  # resumed mid-task: the frozen half as the checkpoint holds it
+            self._sums = [float(p.detach().double().sum()) for p in self.frozen]
 

@@ -70,7 +70,7 @@ LM = ["debug=smoke", "scenario.train_size=10", "trainer.batch_size=4", "trainer.
 
 
 @pytest.mark.parametrize("overrides,crash_at", [
-    (["experiment=hft_smollm2", "strategy._target_=tests.helpers.CrashingHFT"], 8),
+    (["experiment=hft_smollm2", "strategy._target_=tests.helpers.CrashingHFT"], 9),
     (["experiment=lcia_smollm2", "strategy._target_=tests.helpers.CrashingLCIA"], 9),  # inside task 3: DEMA on
     (["experiment=replay_smollm2", "strategy._target_=tests.helpers.CrashingLMReplay", "strategy.per_task=3"], 11),
     (["experiment=lora_smollm2", "strategy._target_=tests.helpers.CrashingSeqLoRA"], 5),
