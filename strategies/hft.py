@@ -100,10 +100,8 @@ class HFT(Strategy):
         self.frozen = frozen
         block = sum(p.numel() for p in self.block_params)
         fraction = sum(p.numel() for p in self.block_params if not p.requires_grad) / block
-        if len(self.selections) > exp.index:  # a resumed experience: the same draw again
-            self.selections, self.frozen_fraction = self.selections[: exp.index], self.frozen_fraction[: exp.index]
-        self.selections.append(selection)
-        self.frozen_fraction.append(fraction)
+        self.selections = self.selections[: exp.index] + [selection]
+        self.frozen_fraction = self.frozen_fraction[: exp.index] + [fraction]
         self._sums = [float(p.detach().double().sum()) for p in frozen] if self.verify else []
         self.log({"event": "hft_selection", "experience": exp.index, "frozen_fraction": fraction,
                   "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad)})

@@ -22,9 +22,6 @@ from torch import Tensor
 from cl.errors import UserError
 from cl.stream import Batch, TokenData
 
-METRICS = ("exact", "rouge_l", "edit_similarity")
-
-
 class _Whitespace:
     """rouge_score's default tokenizer drops every non-ASCII character; whitespace keeps every language."""
 
@@ -57,7 +54,7 @@ SCORERS = {"exact": exact_match, "rouge_l": rouge_l, "edit_similarity": edit_sim
 
 def check_metric(metric: str, task: str) -> str:
     if metric not in SCORERS:
-        raise UserError(f"Task {task} has metric {metric!r}; use one of {', '.join(METRICS)}.")
+        raise UserError(f"Task {task} has metric {metric!r}; use one of {', '.join(SCORERS)}.")
     return metric
 
 
