@@ -5,7 +5,11 @@ Bad input ends with one sentence on stderr that names the fix, and exit status 2
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import sys
+import tempfile
+from datetime import datetime
 from pathlib import Path
 
 import hydra
@@ -13,7 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cl.errors import UserError
+from cl import distributed
+from cl.errors import Interrupted, UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_BAD_INPUT = 2
@@ -40,10 +45,18 @@ def _pool(phase):
     return None if phase in (None, "all") else phase
 
 
+def _stamp():
+    """`${cl.stamp:}`: the run folder's time stamp. Under torchrun every rank uses rank 0's
+    (CL_RUN_STAMP), so all ranks name the same folder."""
+    return os.environ.get("CL_RUN_STAMP") or datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
+
+
 def register_resolvers() -> None:
     for name, fn in (("smoke", _smoke), ("cl.run_dir", _run_dir), ("cl.hydra_subdir", _hydra_subdir), ("cl.pool", _pool)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
+    if not OmegaConf.has_resolver("cl.stamp"):  # cached: one value per process, and copied into launched jobs
+        OmegaConf.register_new_resolver("cl.stamp", _stamp, use_cache=True)
 
 
 register_resolvers()  # at import, so jobs that a launcher runs in other processes have them too
@@ -116,10 +129,22 @@ def hydra_main(cfg: DictConfig) -> float | None:
         resume_state = None
         if cfg.get("phase") == "evaluation" and cfg.tuning.get("from") and not cfg.get("resume"):
             cfg = evaluation_config(cfg, touched_keys())
-        if cfg.get("resume"):
+        if not cfg.get("resume") and (run_dir / "checkpoints" / "last.pt").is_file():
+            # the folder already holds this run's checkpoint: a requeued (preempted) job continues it
+            cfg.resume = str(run_dir)
+            cfg, resume_state = load_resume(cfg, run_dir, [None], requeued=True)
+            log.warning("%s holds a checkpoint of this run; continuing from it.", run_dir)
+        elif cfg.get("resume"):
             run_dir = Path(cfg.resume)
             cfg, resume_state = load_resume(cfg, run_dir, touched_keys())
         results = run(cfg, run_dir, resume_state)
+    except Interrupted as stop:
+        if distributed.is_main():
+            name = signal.Signals(stop.signum).name
+            print(f"{name}: stopped at iteration {stop.iteration} with a checkpoint; resume with: "
+                  f"python -m cl resume={run_dir}", file=sys.stderr, flush=True)
+        stop.forward()  # under submitit: requeue the job (it continues from the checkpoint)
+        sys.exit(128 + stop.signum)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
@@ -141,12 +166,50 @@ def check_tuning_folder(argv: list[str]) -> None:
         completed_jobs(values["tuning.from"])
 
 
+def check_writable(argv: list[str]) -> None:
+    """The run (or sweep) folder must be creatable: say so before Hydra tries and fails with a traceback."""
+    values = dict(a.split("=", 1) for a in argv if "=" in a and not a.startswith("-"))
+    multirun = "-m" in argv or "--multirun" in argv
+    target = values.get("hydra.sweep.dir" if multirun else "hydra.run.dir") or values.get("resume") or (
+        "multirun" if multirun else "outputs")
+    if "${" in target:
+        return
+    existing = Path(target).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "not a directory")
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as e:
+        key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+        raise UserError(f"Cannot write the run folder {target} ({e.strerror or e} in {existing}); choose a writable "
+                        f"place with {key}=<dir>.") from None
+
+
+def join_torchrun(argv: list[str]) -> list[str]:
+    """Under torchrun: join the process group, agree on rank 0's run folder, and keep
+    the other ranks from writing Hydra's files (rank 0 alone writes)."""
+    if not distributed.launched():
+        return argv
+    distributed.init()
+    os.environ["CL_RUN_STAMP"] = distributed.broadcast_object(_stamp())
+    if distributed.rank() > 0:
+        argv = argv + ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
+    return argv
+
+
 def main() -> None:
     register_resolvers()
     try:
         check_group_choices(sys.argv[1:])
         check_tuning_folder(sys.argv[1:])
+        check_writable(sys.argv[1:])
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    hydra_main()
+    sys.argv = [sys.argv[0], *join_torchrun(sys.argv[1:])]
+    try:
+        hydra_main()
+    finally:
+        distributed.shutdown()

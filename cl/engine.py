@@ -6,19 +6,29 @@ evaluation calls, logging and checkpoints; the strategy's hooks own the method
 from (run seed, experience, epoch), augmentation from a dedicated generator, and
 every random state is in the checkpoint, so a resumed run continues with the
 same batches, the same augmentations and the same numbers.
+
+An iteration is one optimizer step; with `accumulate_grad_batches=k` it takes k
+micro-batches (fewer at an epoch's end). Under torchrun each batch is the global
+batch and each rank trains on its contiguous share (`cl.distributed`); gradients,
+the loss and a stop request are reduced once per step, so every rank takes the same
+step and runs the same hooks. SIGINT/SIGTERM stop the run after the current step
+with a checkpoint (`Preemption`).
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import random
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cl.errors import UserError
+from cl import distributed
+from cl.errors import Interrupted, UserError
 from cl.evaluation import Evaluator
 from cl.loggers import RunLogger
 from cl.stream import Stream
@@ -40,6 +50,8 @@ class Trainer:
     drop_last: bool = False
     log_every: int = 10
     checkpoint_every: int = 0  # iterations between mid-experience checkpoints (0: only at experience ends)
+    accumulate_grad_batches: int = 1  # micro-batches per optimizer step (an iteration is one step)
+    compile: bool = False  # torch.compile the model (nn.Module.compile: state_dict keys unchanged)
 
     deterministic: bool = True  # deterministic kernels (cuDNN/cuBLAS); CPU runs are deterministic anyway
 
@@ -48,7 +60,7 @@ class Trainer:
             if not self.epochs or any(not isinstance(e, int) or isinstance(e, bool) or e < 1 for e in self.epochs):
                 raise UserError(f"trainer.epochs must be a positive integer or a list of them, got {self.epochs!r}.")
             self.epochs = list(self.epochs)
-        for name in ("batch_size", "log_every", "checkpoint_every") + (() if isinstance(self.epochs, list) else ("epochs",)):
+        for name in ("batch_size", "log_every", "checkpoint_every", "accumulate_grad_batches") + (() if isinstance(self.epochs, list) else ("epochs",)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "checkpoint_every" else 1):
                 kind = "a non-negative" if name == "checkpoint_every" else "a positive"
@@ -72,15 +84,16 @@ class Trainer:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device of this process (under torchrun, a CUDA device is the rank's own GPU)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         device = torch.device(name)
     except RuntimeError as e:
         raise UserError(f"trainer.device={name} is not a device; use auto, cpu, cuda or cuda:<index>.") from e
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"trainer.device={name} but this machine has no CUDA GPU; use trainer.device=cpu or auto.")
-    return device
+    return distributed.local_device(device)
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -128,8 +141,13 @@ class Checkpointer:
         if self.jsonl is not None:
             state["metrics_offset"] = self.jsonl.offset()
         tmp = self.path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, self.path)
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"Cannot write the checkpoint {self.path} ({e}); free space or make the folder "
+                            f"writable, then resume with resume={self.folder.parent}.") from e
         return self.path
 
     @staticmethod
@@ -164,6 +182,50 @@ def _set_rng_state(state: dict, augment_gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class Preemption:
+    """SIGINT and SIGTERM (SLURM's preemption signal), and submitit's own preemption
+    signal when submitit runs the job, ask the run to stop: the engine finishes the
+    current optimizer step, writes a checkpoint and raises `Interrupted`. A handler
+    that was installed before ours (submitit's requeue) is called after the checkpoint.
+    A second signal of the same kind exits at once."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> "Preemption":
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals reach the main thread only
+        wanted = [signal.SIGINT, signal.SIGTERM]
+        submitit = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
+        if submitit is not None and callable(signal.getsignal(submitit)):
+            wanted.append(submitit)
+        for s in wanted:
+            self.previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum == signum:
+            raise SystemExit(128 + signum)
+        self.signum = signum
+
+    def forward(self) -> None:
+        """After the checkpoint: let a handler installed before ours (submitit requeues the job) act."""
+        previous = self.previous.get(self.signum)
+        if callable(previous) and previous not in (signal.default_int_handler,):
+            previous(self.signum, None)
+
+
+def autocast(device: torch.device, precision: str):
+    """`torch.autocast` for bf16/16 precision (training and evaluation), else nothing."""
+    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def train(
     stream: Stream,
     strategy: Strategy,
@@ -173,41 +235,55 @@ def train(
     checkpointer: Checkpointer,
     seed: int,
     resume: dict | None = None,
+    preemption: Preemption | None = None,
 ) -> Position:
     device = evaluator.device
+    rank, world = distributed.rank(), distributed.world()
     strategy.device = device
     strategy.log = log
     strategy.model.to(device)
-    augment_gen = torch.Generator(device=device).manual_seed(seed + 1)
+    if trainer.compile:
+        strategy.model.compile()
+    # each rank augments its own share of the batch: its own generator (rank 0's is the single-process one)
+    augment_gen = torch.Generator(device=device).manual_seed(seed + 1 + 1_000_003 * rank)
     transform = stream.train_transform
     strategy.augment = (lambda raw: transform(raw, augment_gen)) if transform is not None else (lambda raw: raw)
-    amp_dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(trainer.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "16")
 
     strategy.setup(stream)
+    distributed.check_in_sync(strategy.model, "after setup")
     pos = Position()
     if resume is None:
         evaluator.initial()
     else:
+        saved_world = len(resume["rng"]) if isinstance(resume["rng"], list) else 1
+        if saved_world != world:
+            raise UserError(f"The run being resumed trained on {saved_world} process(es); resume it with the same "
+                            f"number (torchrun --nproc_per_node={saved_world}), not {world}.")
         pos = Position(**resume["position"])
         evaluator.load_state_dict(resume["evaluator"])
         if pos.phase == "end":
             strategy.load_state_dict(resume["strategy"])
-            _set_rng_state(resume["rng"], augment_gen)
+            _set_rng_state(resume["rng"][rank], augment_gen)
             log({"event": "resume", "experience": pos.experience, "iteration": pos.iteration})
     experience_rng = None  # random state when the current experience started (for mid-experience resumes)
 
     def checkpoint(phase: str, optimizer=None, scheduler=None) -> None:
         pos.phase = phase
+        rngs = distributed.gather_objects(_rng_state(augment_gen))  # one per rank
+        starts = distributed.gather_objects(experience_rng) if phase == "mid" else None
+        if not distributed.is_main():
+            return
         state = {
             "position": asdict(pos),
             "strategy": strategy.state_dict(),
             "evaluator": evaluator.state_dict(),
-            "rng": _rng_state(augment_gen),
+            "rng": rngs,
             "wall_time": log.elapsed,
+            "world_size": world,
         }
         if phase == "mid":
-            state["experience_rng"] = experience_rng
+            state["experience_rng"] = starts
             state["optimizer"] = optimizer.state_dict()
             state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
             state["scaler"] = scaler.state_dict()
@@ -218,7 +294,7 @@ def train(
         resuming = resume is not None and pos.phase == "mid" and i == pos.experience
         if resuming:
             # replay the experience's start exactly as it happened, then overwrite with the saved state
-            _set_rng_state(resume["experience_rng"], augment_gen)
+            _set_rng_state(resume["experience_rng"][rank], augment_gen)
         experience_rng = _rng_state(augment_gen)
         # replaying a resumed experience's start: what the strategy logged then is already in metrics.jsonl
         strategy.log = (lambda event: None) if resuming else log
@@ -232,36 +308,62 @@ def train(
             if scheduler is not None and resume.get("scheduler") is not None:
                 scheduler.load_state_dict(resume["scheduler"])
             scaler.load_state_dict(resume["scaler"])
-            _set_rng_state(resume["rng"], augment_gen)
+            _set_rng_state(resume["rng"][rank], augment_gen)
         else:
             pos.epoch = pos.batch = pos.loss_n = 0
             pos.loss_sum = 0.0
         pos.experience = i
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        buffers = list(strategy.model.buffers()) if world > 1 else []
 
         data = strategy.train_dataset(exp)
         epochs = 1 if stream.online else trainer.epochs_at(i)
         batch_size = stream.batch_size if (stream.online and stream.batch_size) else trainer.batch_size
-        per_epoch = data.num_batches(batch_size, trainer.drop_last) if len(data) else 0
+        if batch_size < world:
+            raise UserError(f"The global batch ({batch_size}) is smaller than the number of processes ({world}); "
+                            f"raise trainer.batch_size to at least {world}.")
+        n_batches = data.num_batches(batch_size, trainer.drop_last) if len(data) else 0
+        if world > 1 and n_batches and len(data) - (n_batches - 1) * batch_size < world:
+            n_batches -= 1  # DDP: a last batch too small to give every rank a sample is not trained on
+        accumulate = trainer.accumulate_grad_batches
+        per_epoch = -(-n_batches // accumulate)  # optimizer steps per epoch
         log({"event": "resume" if resuming else "experience_start", "experience": i, "of": len(stream),
-             "iteration": pos.iteration, "iterations": per_epoch * epochs, "done": pos.epoch * per_epoch + pos.batch})
+             "iteration": pos.iteration, "iterations": per_epoch * epochs,
+             "done": pos.epoch * per_epoch + pos.batch // accumulate})
         if not resuming:
             evaluator.experience_start(i, pos.iteration)
         strategy.model.train()
-        pending = False
+        pending = stop = False
 
         for epoch in range(pos.epoch, epochs):
             pos.epoch = epoch
             batches = data.batches(batch_size, shuffle=True, seed=epoch_seed(seed, i, epoch),
                                    drop_last=trainer.drop_last, start=pos.batch) if len(data) else []
+            group_loss, group_n = 0.0, 0
             for batch in batches:
+                if pos.batch >= n_batches:
+                    break
+                if world > 1:
+                    batch = batch.shard(*distributed.bounds(len(batch)))
                 batch = batch.to(device, non_blocking=True)
                 if batch.raw is not None:
                     batch.x = strategy.augment(batch.raw)
-
-                with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+                # the micro-batches of one optimizer step: `accumulate`, fewer at the end of an epoch
+                group = min(accumulate, n_batches - (pos.batch - pos.batch % accumulate))
+                with autocast(device, trainer.precision):
                     loss = strategy.training_step(batch)
-                value = float(loss.detach())
+                # averaged over ranks, the gradient is the global batch's: a rank with one sample more weighs more
+                share = len(batch) * world / batch.global_size if world > 1 else 1.0
+                scaler.scale(loss * (share / group) if share != group else loss).backward()
+                group_loss += float(loss.detach()) * share
+                group_n += 1
+                pos.batch += 1
+                if group_n < group:
+                    continue
+
+                stop = preemption is not None and preemption.signum is not None
+                value, stop = distributed.sync_step(params, buffers, group_loss / group_n, stop)  # all ranks agree
+                group_loss, group_n = 0.0, 0
                 if value != value or value in (float("inf"), float("-inf")):
                     last = checkpointer.path if checkpointer.path.exists() else "none written yet"
                     raise UserError(
@@ -269,7 +371,6 @@ def train(
                         f"lower optimizer.lr or set trainer.clip_grad_norm, then resume from the last good "
                         f"checkpoint ({last})."
                     )
-                scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 strategy.after_backward()
                 if trainer.clip_grad_norm:
@@ -284,7 +385,6 @@ def train(
                 if stepped and scheduler is not None and trainer.scheduler_interval == "iteration":
                     scheduler.step()
 
-                pos.batch += 1
                 pos.iteration += 1
                 pos.loss_sum += value
                 pos.loss_n += 1
@@ -293,10 +393,12 @@ def train(
                     log({"event": "train", "iteration": pos.iteration, "experience": i, "epoch": epoch,
                          "loss": pos.loss_sum / pos.loss_n, "lr": optimizer.param_groups[0]["lr"]})
                     pos.loss_sum, pos.loss_n = 0.0, 0
-                evaluator.after_step(pos.iteration, i, epoch_end=pos.batch == per_epoch)
-                if trainer.checkpoint_every and pos.iteration % trainer.checkpoint_every == 0:
-                    if pos.batch < per_epoch:
+                evaluator.after_step(pos.iteration, i, epoch_end=pos.batch == n_batches)
+                if stop or (trainer.checkpoint_every and pos.iteration % trainer.checkpoint_every == 0):
+                    if pos.batch < n_batches:
                         checkpoint("mid", optimizer, scheduler)
+                        if stop:
+                            raise Interrupted(preemption.signum or signal.SIGTERM, pos.iteration, checkpointer.path, preemption.forward)
                     else:  # the epoch's last step: checkpoint after the epoch-end schedule step
                         pending = True
             pos.batch = 0
@@ -306,8 +408,11 @@ def train(
             if pending:
                 pos.epoch, pending = epoch + 1, False
                 checkpoint("mid", optimizer, scheduler)
+                if stop:
+                    raise Interrupted(preemption.signum or signal.SIGTERM, pos.iteration, checkpointer.path, preemption.forward)
 
         strategy.after_experience(exp)
+        distributed.check_in_sync(strategy.model, f"after experience {i}")
         row = evaluator.end_of_experience(i, pos.iteration)
         log({"event": "experience_end", "experience": i, "iteration": pos.iteration, "accuracy": row})
         pos.experience, pos.epoch, pos.batch = i + 1, 0, 0

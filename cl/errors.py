@@ -4,3 +4,12 @@ names the fix) and exits with status 2, without a traceback."""
 
 class UserError(Exception):
     """Bad input: an option, a missing file, data or weights, a diverging run."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM stopped the run after a checkpoint; `python -m cl` says how to resume."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint, forward=None):
+        super().__init__(f"signal {signum} at iteration {iteration}")
+        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+        self.forward = forward or (lambda: None)  # hands the signal on (submitit requeues), after the checkpoint

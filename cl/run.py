@@ -2,22 +2,28 @@
 
     config.yaml         the resolved config
     metrics.jsonl       every event, append-only (the source of truth)
-    results.json        the summary: protocol, accuracy matrix, metrics
+    results.json        the summary: protocol, accuracy matrix, metrics, provenance
     accuracy_matrix.png
     checkpoints/last.pt
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
+import os
+import platform
 import re
+import subprocess
 from pathlib import Path
+
+import torch
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cl import engine
+from cl import distributed, engine
 from cl.errors import UserError
 from cl.evaluation import Evaluator
 from cl.evaluation import plots
@@ -26,6 +32,7 @@ from cl.loggers import ConsoleLogger, JsonlLogger, RunLogger
 log = logging.getLogger("cl")
 
 CONFIG_FILE = "config.yaml"
+ROOT = Path(__file__).resolve().parent.parent
 IGNORED_ON_RESUME = ("resume",)
 
 
@@ -46,9 +53,10 @@ def _plain(cfg: DictConfig, key: str):
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def load_resume(cfg: DictConfig, run_dir: Path, touched: list[str]) -> tuple[DictConfig, dict | None]:
+def load_resume(cfg: DictConfig, run_dir: Path, touched: list[str], requeued: bool = False) -> tuple[DictConfig, dict | None]:
     """The saved config of `run_dir` (checked against the keys the command line set)
-    and its checkpoint, if one was written."""
+    and its checkpoint, if one was written. `requeued`: the same job started again in
+    its own folder (a preempted SLURM job), compared on every key."""
     saved_path = run_dir / CONFIG_FILE
     if not saved_path.is_file():
         raise UserError(f"resume={run_dir} holds no {CONFIG_FILE}; pass the folder of an earlier run (it has metrics.jsonl).")
@@ -62,6 +70,11 @@ def load_resume(cfg: DictConfig, run_dir: Path, touched: list[str]) -> tuple[Dic
         else:
             differing += diff_keys(_plain(cfg, key), _plain(saved, key), f"{key}.")
     differing = sorted(set(differing))
+    if differing and requeued:
+        raise UserError(
+            f"{run_dir} holds a checkpoint of another run (its config differs at {', '.join(differing[:10])}); "
+            f"choose a new folder with hydra.run.dir=<dir>, or continue that run with resume={run_dir}."
+        )
     if differing:
         raise UserError(
             f"The config differs from the run being resumed at {', '.join(differing[:10])}"
@@ -142,11 +155,58 @@ def protocol(cfg: DictConfig, stream, model, evaluator: Evaluator, trainer: engi
     }
 
 
+def provenance(device, world_size: int) -> dict:
+    """What produced the numbers: the code's git commit (and whether the tree had
+    uncommitted changes), the versions of the libraries, the device and the world size."""
+    def git(*args):
+        try:
+            out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10)
+            return out.stdout.strip() if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    device = torch.device(device)
+    return {
+        "git_commit": commit,
+        "git_dirty": None if status is None else bool(status),
+        "versions": {name: version(name) for name in ("cl", "torch", "torchvision", "timm", "transformers", "peft",
+                                                      "hydra-core")} | {"python": platform.python_version()},
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or None,
+        "world_size": world_size,
+    }
+
+
+def write(path: Path, text: str) -> None:
+    """Write a file of the run folder atomically; a full disk or a read-only folder is one sentence."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"Cannot write {path} ({e.strerror}); free space or choose a writable run folder "
+                        f"(hydra.run.dir=<dir>), then resume with resume={path.parent}.") from e
+
+
 def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, console: bool = True) -> dict:
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if resume_state is None and not cfg.get("resume"):
-        (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    main = distributed.is_main()  # under torchrun, rank 0 alone writes files
+    if main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"Cannot create the run folder {run_dir} ({e.strerror}); choose a writable place with "
+                            "hydra.run.dir=<dir>.") from e
+    if main and resume_state is None and not cfg.get("resume"):
+        write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
 
     trainer = engine.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True))
     if cfg.get("phase", "all") not in ("all", "tuning", "evaluation"):
@@ -171,10 +231,11 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
     scheduler = build(cfg, "scheduler") if cfg.get("scheduler") else None
     strategy = build(cfg, "strategy", model=model, optimizer=optimizer, scheduler=scheduler)
 
-    truncate = resume_state.get("metrics_offset") if resume_state else (0 if cfg.get("resume") else None)
-    jsonl = JsonlLogger(run_dir / "metrics.jsonl", truncate_at=truncate)
-    sinks = [jsonl, ConsoleLogger(enabled=console and cfg.logger.console)]
-    if cfg.logger.get("wandb"):
+    # a fresh run starts metrics.jsonl afresh; a resumed one cuts it back to its checkpoint's offset
+    truncate = resume_state.get("metrics_offset", 0) if resume_state else 0
+    jsonl = JsonlLogger(run_dir / "metrics.jsonl", truncate_at=truncate) if main else None
+    sinks = [jsonl, ConsoleLogger(enabled=main and console and cfg.logger.console)]
+    if main and cfg.logger.get("wandb"):
         try:
             wandb = instantiate(cfg.logger.wandb, _partial_=True)
             sinks.append(wandb(dir=str(run_dir), run_config=OmegaConf.to_container(cfg, resolve=True)))
@@ -183,16 +244,20 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
     events = RunLogger(sinks)
     if resume_state:
         events.time_offset = resume_state.get("wall_time", 0.0)
-    evaluator = Evaluator(stream, strategy, events, seed=cfg.seed, device=device,
+    evaluator = Evaluator(stream, strategy, events, seed=cfg.seed, device=device, precision=trainer.precision,
                           **OmegaConf.to_container(cfg.evaluation, resolve=True))
     proto = protocol(cfg, stream, model, evaluator, trainer)
+    origin = provenance(device, distributed.world())
     if resume_state is None:
-        events({"event": "run_start", "protocol": proto, "device": str(device)})
+        events({"event": "run_start", "protocol": proto, "device": str(device), "provenance": origin})
 
     try:
-        position = engine.train(stream, strategy, evaluator, events, trainer,
-                                engine.Checkpointer(run_dir / "checkpoints", jsonl=jsonl), cfg.seed, resume_state)
-        results = {"protocol": proto, **evaluator.results(), "iterations": position.iteration}
+        with engine.Preemption() as preemption:
+            position = engine.train(stream, strategy, evaluator, events, trainer,
+                                    engine.Checkpointer(run_dir / "checkpoints", jsonl=jsonl), cfg.seed, resume_state,
+                                    preemption)
+        results = {"protocol": proto, **evaluator.results(), "iterations": position.iteration,
+                   "provenance": origin}
         if callable(getattr(strategy, "results", None)):  # a method's own diagnostics (e.g. MOS's task retrieval)
             results["strategy"] = strategy.results()
         events({"event": "run_end", "iteration": position.iteration, "metrics": results["metrics"],
@@ -201,7 +266,9 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
     finally:
         events.close()
 
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
+    if not main:
+        return results
+    write(run_dir / "results.json", json.dumps(results, indent=2))
     title = f"{proto['strategy']} on {stream.name} {stream.shape_name} ({results['accuracy']})"
     plots.accuracy_matrix(results["accuracy_matrix"], run_dir / "accuracy_matrix.png", title)
     if evaluator.trace:

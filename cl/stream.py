@@ -25,9 +25,25 @@ class Batch:
     t: Tensor
     raw: Tensor | None = None
     extra: dict = field(default_factory=dict)
+    global_size: int | None = None  # under DDP: the size of the global batch this rank's share comes from
+
+    def __post_init__(self):
+        if self.global_size is None:
+            self.global_size = len(self)
 
     def __len__(self) -> int:
         return self.y.shape[0]
+
+    def shard(self, lo: int, hi: int) -> "Batch":
+        """Samples [lo, hi) of the batch (a rank's share under DDP); `global_size` stays the whole batch's."""
+        n = len(self)
+
+        def cut(v):
+            return v[lo:hi] if isinstance(v, (Tensor, list)) and len(v) == n else v
+
+        x = cut(self.x)
+        return Batch(x=x, y=cut(self.y), t=cut(self.t), raw=x if self.raw is self.x else cut(self.raw),
+                     extra={k: cut(v) for k, v in self.extra.items()}, global_size=self.global_size)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         def move(v):
@@ -40,6 +56,7 @@ class Batch:
             t=move(self.t),
             raw=x if self.raw is self.x else move(self.raw),
             extra={k: move(v) for k, v in self.extra.items()},
+            global_size=self.global_size,
         )
 
 
@@ -98,12 +115,14 @@ class TensorData:
         seed: int = 0,
         drop_last: bool = False,
         start: int = 0,
+        step: int = 1,
     ) -> Iterator[Batch]:
         """Yield batches; with `shuffle`, in the order of a permutation drawn from `seed`.
-        `start` skips that many batches (how a resumed run continues mid-epoch)."""
+        `start` skips that many batches (how a resumed run continues mid-epoch); `step`
+        yields every step-th batch from there (a rank's share of a sharded evaluation)."""
         n = len(self)
         order = torch.randperm(n, generator=_epoch_generator(seed)) if shuffle else None
-        for b in range(start, self.num_batches(batch_size, drop_last)):
+        for b in range(start, self.num_batches(batch_size, drop_last), step):
             if order is None:
                 sl = slice(b * batch_size, min(n, (b + 1) * batch_size))
                 x, y, t = self.x[sl], self.y[sl], self.t[sl]
@@ -185,10 +204,10 @@ class TokenData:
         return Batch(x=x, y=y, t=self.t[idx], raw=None, extra=extra)
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-                start: int = 0) -> Iterator[Batch]:
+                start: int = 0, step: int = 1) -> Iterator[Batch]:
         n = len(self)
         order = torch.randperm(n, generator=_epoch_generator(seed)) if shuffle else torch.arange(n)
-        for b in range(start, self.num_batches(batch_size, drop_last)):
+        for b in range(start, self.num_batches(batch_size, drop_last), step):
             yield self.collate(order[b * batch_size : (b + 1) * batch_size])
 
     def nbytes(self) -> int:

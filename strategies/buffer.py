@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from cl import distributed
+
 
 class ReservoirBuffer:
     """Reservoir sampling (Vitter's algorithm R): after n stream samples, each of
@@ -54,6 +56,11 @@ class ReservoirBuffer:
         return slots, winner[slots]
 
     def add(self, x: Tensor, y: Tensor, t: Tensor, logits: Tensor | None = None) -> None:
+        """Insert a batch. Under DDP every rank passes its share and inserts the gathered global
+        batch, so the buffers of all ranks stay identical."""
+        if distributed.active():
+            x, y, t = distributed.gather(x), distributed.gather(y), distributed.gather(t)
+            logits = None if logits is None else distributed.gather(logits)
         if self.x is None:
             self._allocate(x, logits)
         slots, k = self.slots(len(y))
@@ -71,8 +78,9 @@ class ReservoirBuffer:
             self.logit_valid[slots] = w
 
     def sample(self, n: int) -> dict[str, Tensor]:
-        """`n` distinct stored samples, uniformly (all of them if fewer are stored)."""
-        idx = torch.randperm(len(self), generator=self.generator)[:n].to(self.device)
+        """`n` distinct stored samples, uniformly (all of them if fewer are stored); under DDP,
+        this rank's contiguous share of the same `n` draws on every rank."""
+        idx = distributed.shard(torch.randperm(len(self), generator=self.generator)[:n]).to(self.device)
         out = {"x": self.x[idx], "y": self.y[idx], "t": self.t[idx]}
         if self.logits is not None:
             out["logits"], out["logit_valid"] = self.logits[idx], self.logit_valid[idx]

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl import distributed
 from cl.errors import UserError
 from cl.stream import Batch
 from cl.strategy import Strategy
@@ -234,7 +235,8 @@ class DST(Strategy):
         return score.view(-1)[candidates].argsort(descending=True, stable=True)
 
     def after_epoch(self, epoch: int) -> None:
-        acc = self.correct / max(self.seen, 1)
+        correct, seen = distributed.all_sum([self.correct, self.seen], self.device)  # DDP: every rank's share
+        acc = correct / max(seen, 1)
         self.correct = self.seen = 0
         if self.keep_best and acc > self.best[0]:
             self.best = (acc, self._snapshot())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from cl import distributed
 from cl.errors import UserError
 from cl.stream import Batch, Experience, TokenData
 from cl.strategy import Strategy
@@ -41,11 +42,12 @@ class LMReplay(Strategy):
         super().setup(stream)
 
     def training_step(self, batch: Batch) -> torch.Tensor:
-        k = round(len(batch) * self.fraction / (1 - self.fraction))
+        k = round(batch.global_size * self.fraction / (1 - self.fraction))
         if self.memory is not None and k > 0:
-            idx = torch.randint(len(self.memory), (k,), generator=self.generator)
-            replay = self.memory.collate(idx).to(self.device)
-            batch = cat_batches(batch, replay, self.memory.pad_id)
+            # under DDP: the same k draws on every rank, each keeping its share
+            idx = distributed.shard(torch.randint(len(self.memory), (k,), generator=self.generator))
+            if len(idx):
+                batch = cat_batches(batch, self.memory.collate(idx).to(self.device), self.memory.pad_id)
         return self.token_loss(batch.x, batch.y)
 
     def after_experience(self, exp: Experience) -> None:

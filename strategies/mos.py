@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cl import distributed
 from cl.errors import UserError
 from cl.models.vit_adapter import ADAPTER_KEYS, AdapterViT
 from cl.stream import Batch
@@ -170,9 +171,11 @@ class MOS(Strategy):
     def results(self) -> dict:
         """Task-retrieval accuracy on the seen classes in the last end-of-experience
         evaluation: the initial guess (argmax z₀) and after refinement."""
-        n = max(self.stats["n"], 1)
-        return {"task_retrieval_initial": self.stats["initial"] / n,
-                "task_retrieval_refined": self.stats["refined"] / n, "retrieval_samples": self.stats["n"]}
+        # under DDP each rank evaluated a share of the batches: sum the counts
+        total, initial, refined = distributed.all_sum([self.stats[k] for k in ("n", "initial", "refined")], self.device)
+        n = max(total, 1)
+        return {"task_retrieval_initial": initial / n, "task_retrieval_refined": refined / n,
+                "retrieval_samples": int(total)}
 
     def after_experience(self, exp):
         super().after_experience(exp)

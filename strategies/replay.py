@@ -14,6 +14,10 @@
   stored logits are those of the augmented input when it entered the buffer; with
   a growing head, only the columns that existed then are compared.
 
+Under DDP (`cl.distributed`) the buffer is the same on every rank: each rank adds the
+gathered global batch and keeps its share of the same global replay batch, so a
+2-process run replays what a 1-process run with the same global batch replays.
+
 Samples enter the buffer after the replay batch is drawn, so a step never replays
 its own inputs. `joint_forward=True` runs ER-ACE's and DER++'s stream and replay
 batches through one concatenated forward (the AdaB²N versions of the official code
@@ -53,7 +57,8 @@ class ER(Strategy):
         self.buffer = ReservoirBuffer(self.mem_size, self.device, self.seed, logit_width=stream.num_classes)
 
     def replay(self, n: int) -> dict[str, Tensor] | None:
-        """A replay batch, augmented like the stream batch, or None while the buffer is empty."""
+        """A replay batch of `n` samples (under DDP, this rank's share of them: `n` is the
+        global batch's size), augmented like the stream batch, or None while the buffer is empty."""
         if len(self.buffer) == 0:
             return None
         r = self.buffer.sample(self.replay_batch_size or n)
@@ -70,7 +75,7 @@ class ER(Strategy):
         return list(logits.split([len(x) for x, _ in parts]))
 
     def training_step(self, batch: Batch) -> Tensor:
-        r = self.replay(len(batch))
+        r = self.replay(batch.global_size)
         if r is None:
             loss = F.cross_entropy(self.forward(batch.x, batch.t), batch.y)
         elif self.new_weight is None:
@@ -108,7 +113,7 @@ class ERACE(ER):
 
     def training_step(self, batch: Batch) -> Tensor:
         active = self.from_first_experience or self.experience_index > 0
-        r = self.replay(len(batch)) if active else None
+        r = self.replay(batch.global_size) if active else None
         parts = [(batch.x, batch.t)] + ([(r["x"], r["t"])] if r is not None else [])
         logits, *replayed = self.forward_parts(*parts)
         loss = asymmetric_cross_entropy(logits, batch.y) if active else F.cross_entropy(logits, batch.y)
@@ -126,8 +131,8 @@ class DERPP(ER):
         self.beta = beta
 
     def training_step(self, batch: Batch) -> Tensor:
-        r = self.replay(len(batch))
-        r2 = self.replay(len(batch)) if r is not None else None
+        r = self.replay(batch.global_size)
+        r2 = self.replay(batch.global_size) if r is not None else None
         parts = [(batch.x, batch.t)] + ([(r["x"], r["t"]), (r2["x"], r2["t"])] if r is not None else [])
         logits, *replayed = self.forward_parts(*parts)
         loss = F.cross_entropy(logits, batch.y)

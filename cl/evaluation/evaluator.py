@@ -37,6 +37,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from cl import distributed
 from cl.errors import UserError
 from cl.evaluation import metrics
 from cl.stream import Batch, Stream, TensorData
@@ -87,6 +88,7 @@ class Evaluator:
         lca_beta: int = 10,
         seed: int = 0,
         device: torch.device | str = "cpu",
+        precision: str = "32",
     ):
         if split not in ("test", "validation"):
             raise UserError(f"evaluation.split must be test or validation, not {split!r}.")
@@ -101,6 +103,7 @@ class Evaluator:
         self.every = int(every)
         self.batch_size = int(batch_size)
         self.device = torch.device(device)
+        self.precision = str(precision)
         self.split = split
         self.data: list[TensorData] = [e.valid if split == "validation" else e.eval for e in stream]
         if split == "validation" and any(d is None for d in self.data):
@@ -138,24 +141,33 @@ class Evaluator:
         return data.subset(torch.randperm(len(data), generator=g)[: self.subset_size].sort().values)
 
     # ---- measuring ----------------------------------------------------------------
+    def autocast(self):
+        """The run's precision (bf16/16 autocast) for evaluation as for training."""
+        from cl.engine import autocast
+
+        return autocast(self.device, self.precision)
+
     def accuracy(self, j: int, data: TensorData, full: bool = False) -> tuple[float, float | None]:
         """(task-agnostic accuracy, task-aware accuracy or None) of the current model on `data`.
         Instruction streams score generations at full evaluations (`stream.generative_scorer`)."""
         generative = self.stream.generative_scorer if full else None
         classes = torch.tensor(self.stream[j].classes, device=self.device)
         correct = correct_aware = 0
-        for batch in data.batches(self.batch_size):
+        # under DDP each rank scores every world-th batch; the counts are summed over ranks
+        for batch in data.batches(self.batch_size, start=distributed.rank(), step=distributed.world()):
             batch = batch.to(self.device, non_blocking=True)
             if self.stream.eval_transform is not None:
                 batch.x = self.stream.eval_transform(batch.x)
             if not self.stream.task_aware:
                 batch.t = torch.full_like(batch.t, -1)
-            if generative is not None:
-                c, ca = generative(self.strategy, batch, self.stream[j])
-            else:
-                c, ca = self.scorer(self.strategy.predict(batch), batch, classes, self.task_aware_available)
+            with self.autocast():
+                if generative is not None:
+                    c, ca = generative(self.strategy, batch, self.stream[j])
+                else:
+                    c, ca = self.scorer(self.strategy.predict(batch), batch, classes, self.task_aware_available)
             correct += c
             correct_aware += ca
+        correct, correct_aware = distributed.all_sum([correct, correct_aware], self.device)
         n = max(len(data), 1)
         return correct / n, (correct_aware / n if self.task_aware_available else None)
 
@@ -185,7 +197,8 @@ class Evaluator:
         start = time.perf_counter()
         self._evaluate(which, False, iteration, i)
         self.eval_seconds += time.perf_counter() - start
-        if self.budget is not None and self.eval_share > self.budget:
+        # wall-clock shares differ between ranks: rank 0 decides for all
+        if self.budget is not None and distributed.broadcast_object(self.eval_share > self.budget):
             self.every *= 2
             self.periods.append({"from_iteration": iteration, "every": self.every})
 

@@ -31,16 +31,29 @@ class JsonlLogger:
         except OSError as e:
             raise UserError(f"Cannot write {self.path} ({e.strerror}); choose a writable run folder with hydra.run.dir=<dir>.") from e
 
+    def _failed(self, e: OSError) -> UserError:
+        return UserError(f"Cannot write {self.path} ({e.strerror or e}); free space or choose a writable run folder "
+                         f"(hydra.run.dir=<dir>), then resume with resume={self.path.parent}.")
+
     def log(self, event: dict) -> None:
-        self.file.write(json.dumps({k: _clean(v) for k, v in event.items()}) + "\n")
+        try:
+            self.file.write(json.dumps({k: _clean(v) for k, v in event.items()}) + "\n")
+        except OSError as e:
+            raise self._failed(e) from e
 
     def flush(self) -> None:
-        self.file.flush()
+        try:
+            self.file.flush()
+        except OSError as e:
+            raise self._failed(e) from e
 
     def offset(self) -> int:
-        self.file.flush()
+        self.flush()
         return self.file.tell()
 
     def close(self) -> None:
         if not self.file.closed:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as e:
+                raise self._failed(e) from e

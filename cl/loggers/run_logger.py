@@ -43,8 +43,14 @@ class RunLogger:
                 flush()
 
     def close(self) -> None:
+        failed = None
         for sink in self.sinks:
             try:
                 sink.close()
             except Exception as e:  # noqa: BLE001
-                log.warning("%s failed to close: %s", type(sink).__name__, e)
+                if getattr(sink, "essential", False):
+                    failed = e  # metrics.jsonl could not be completed: the run must not look finished
+                else:
+                    log.warning("%s failed to close: %s", type(sink).__name__, e)
+        if failed is not None:
+            raise failed
