@@ -339,7 +339,7 @@ def train(
             pos.epoch = epoch
             batches = data.batches(batch_size, shuffle=True, seed=epoch_seed(seed, i, epoch),
                                    drop_last=trainer.drop_last, start=pos.batch) if len(data) else []
-            group_loss, group_n = 0.0, 0
+            group_loss = 0.0
             for batch in batches:
                 if pos.batch >= n_batches:
                     break
@@ -348,22 +348,24 @@ def train(
                 batch = batch.to(device, non_blocking=True)
                 if batch.raw is not None:
                     batch.x = strategy.augment(batch.raw)
-                # the micro-batches of one optimizer step: `accumulate`, fewer at the end of an epoch
-                group = min(accumulate, n_batches - (pos.batch - pos.batch % accumulate))
+                # one optimizer step = the micro-batches [first, last) (`accumulate`, fewer at an epoch's end)
+                first = pos.batch - pos.batch % accumulate
+                last = min(first + accumulate, n_batches)
+                samples = min(last * batch_size, len(data)) - first * batch_size  # global samples in the step
                 with autocast(device, trainer.precision):
                     loss = strategy.training_step(batch)
-                # averaged over ranks, the gradient is the global batch's: a rank with one sample more weighs more
-                share = len(batch) * world / batch.global_size if world > 1 else 1.0
-                scaler.scale(loss * (share / group) if share != group else loss).backward()
-                group_loss += float(loss.detach()) * share
-                group_n += 1
+                # each (mean) loss weighs by its share of the step's samples; summed over micro-batches and
+                # averaged over ranks, the gradient is the mean over all of them (1 with neither)
+                weight = len(batch) * world / samples
+                scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+                group_loss += float(loss.detach()) * weight
                 pos.batch += 1
-                if group_n < group:
+                if pos.batch < last:
                     continue
 
                 stop = preemption is not None and preemption.signum is not None
-                value, stop = distributed.sync_step(params, buffers, group_loss / group_n, stop)  # all ranks agree
-                group_loss, group_n = 0.0, 0
+                value, stop = distributed.sync_step(params, buffers, group_loss, stop)  # all ranks agree
+                group_loss = 0.0
                 if value != value or value in (float("inf"), float("-inf")):
                     last = checkpointer.path if checkpointer.path.exists() else "none written yet"
                     raise UserError(

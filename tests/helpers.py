@@ -103,3 +103,13 @@ def train_experience(strategy, exp, steps: int, batch_size: int = 4) -> None:
         strategy.after_optimizer_step()
         strategy.optimizer.zero_grad(set_to_none=True)
     strategy.after_experience(exp)
+
+
+class SlowER(ER):
+    """ER that takes 30 ms more per step (the numbers are ER's): long enough to signal mid-run."""
+
+    def after_optimizer_step(self):
+        import time
+
+        time.sleep(0.03)
+        super().after_optimizer_step()

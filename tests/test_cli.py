@@ -167,9 +167,10 @@ def test_trace_preset_without_data_or_model_names_both(tmp_path):
     assert_one_sentence(r, "No train file under", "C-STANCE", "meta-llama/Llama-2-7b-chat-hf", "local folder")
 
 
-def test_nan_loss_names_the_iteration(tmp_path):
-    r = cli(["debug=smoke", "strategy._target_=tests.helpers.NaNLoss", "+strategy.at=4", f"hydra.run.dir={tmp_path}"])
-    assert_one_sentence(r, "iteration 4", "optimizer.lr")
+def test_nan_loss_names_the_iteration_and_the_last_good_checkpoint(tmp_path):
+    r = cli(["debug=smoke", "strategy._target_=tests.helpers.NaNLoss", "+strategy.at=4", "trainer.checkpoint_every=2",
+             f"hydra.run.dir={tmp_path}"])
+    assert_one_sentence(r, "iteration 4", "optimizer.lr", f"last good checkpoint ({tmp_path / 'checkpoints' / 'last.pt'})")
 
 
 def test_parameter_a_strategy_does_not_take(tmp_path):
@@ -177,5 +178,52 @@ def test_parameter_a_strategy_does_not_take(tmp_path):
     assert_one_sentence(r, "strategy.mem_size is not a parameter")
 
 
-def test_non_positive_epochs(tmp_path):
-    assert_one_sentence(cli(["trainer.epochs=0", f"hydra.run.dir={tmp_path}"]), "trainer.epochs must be a positive")
+@pytest.mark.parametrize("override,needle", [
+    ("trainer.epochs=0", "trainer.epochs must be a positive"),
+    ("trainer.batch_size=0", "trainer.batch_size must be a positive"),
+    ("optimizer.lr=0", "optimizer.lr must be positive"),
+    ("evaluation.subset=0", "evaluation.subset must be a positive"),
+    ("trainer.accumulate_grad_batches=-1", "trainer.accumulate_grad_batches must be a positive"),
+])
+def test_non_positive_settings(override, needle, tmp_path):
+    assert_one_sentence(cli(["debug=smoke", override, f"hydra.run.dir={tmp_path}"]), needle)
+
+
+def test_class_order_that_is_not_a_permutation(tmp_path):
+    r = cli(["debug=smoke", "scenario.class_order=[0,1,2,3,4,5,6,7,8,8]", f"hydra.run.dir={tmp_path}"])
+    assert_one_sentence(r, "scenario.class_order must be a permutation")
+
+
+def test_resume_from_a_differing_config_or_a_corrupt_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    assert cli(["debug=smoke", f"hydra.run.dir={out}"]).returncode == 0
+    r = cli([f"resume={out}", "optimizer.lr=0.5", "trainer.batch_size=7"])
+    assert_one_sentence(r, "differs from the run being resumed at optimizer.lr, trainer.batch_size")
+    ckpt = out / "checkpoints" / "last.pt"
+    blob = ckpt.read_bytes()
+    for damaged in (blob[: len(blob) // 2], b"not a checkpoint at all"):
+        ckpt.write_bytes(damaged)
+        assert_one_sentence(cli([f"resume={out}"]), f"Checkpoint {ckpt} is corrupt or truncated", "delete it")
+
+
+def test_run_folder_that_cannot_be_written():
+    assert_one_sentence(cli(["debug=smoke", "hydra.run.dir=/proc/cl-run"]), "Cannot write the run folder /proc/cl-run",
+                        "hydra.run.dir=")
+
+
+def test_disk_full_while_writing_metrics(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").symlink_to("/dev/full")  # every write: ENOSPC, as on a full disk
+    r = cli(["debug=smoke", f"hydra.run.dir={out}"])
+    assert_one_sentence(r, "Cannot write", "metrics.jsonl", "No space left on device", f"resume={out}")
+
+
+def test_unreachable_wandb_is_one_warning_and_the_run_goes_on(tmp_path):
+    r = cli(["debug=smoke", "logger=wandb", "logger.wandb.mode=online", "logger.wandb.init_timeout=5",
+             f"hydra.run.dir={tmp_path}"],
+            env={"WANDB_MODE": "online", "WANDB_API_KEY": "0" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    warnings = [line for line in (r.stderr + r.stdout).splitlines() if "wandb could not start" in line]
+    assert len(warnings) == 1 and warnings[0].endswith("the run continues without it."), warnings
+    assert_run_folder(tmp_path)

@@ -25,9 +25,9 @@ class JsonlLogger:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if truncate_at is not None and self.path.exists():
+            if truncate_at and self.path.exists():
                 os.truncate(self.path, truncate_at)
-            self.file = open(self.path, "a", encoding="utf-8")
+            self.file = open(self.path, "w" if truncate_at == 0 else "a", encoding="utf-8")
         except OSError as e:
             raise UserError(f"Cannot write {self.path} ({e.strerror}); choose a writable run folder with hydra.run.dir=<dir>.") from e
 

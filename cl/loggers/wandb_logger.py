@@ -11,15 +11,18 @@ class WandbLogger:
     or later, switches it off with one warning and the run goes on."""
 
     def __init__(self, project: str = "cl", mode: str = "offline", entity: str | None = None,
-                 name: str | None = None, tags=None, dir: str | None = None, run_config: dict | None = None):
+                 name: str | None = None, tags=None, dir: str | None = None, run_config: dict | None = None,
+                 init_timeout: float = 30.0):
         self.run = None
         try:
             import wandb
 
             self.run = wandb.init(project=project, entity=entity, name=name, tags=list(tags or []),
-                                  mode=mode, dir=dir, config=run_config, reinit="finish_previous")
+                                  mode=mode, dir=dir, config=run_config, reinit="finish_previous",
+                                  settings=wandb.Settings(init_timeout=init_timeout))
         except Exception as e:  # noqa: BLE001 - wandb must never kill a run
-            log.warning("wandb could not start (%s: %s); the run continues without it.", type(e).__name__, e)
+            reason = " ".join(str(e).split())  # one line, whatever wandb's message looks like
+            log.warning("wandb could not start (%s: %s); the run continues without it.", type(e).__name__, reason)
 
     def log(self, event: dict) -> None:
         if self.run is None:
