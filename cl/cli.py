@@ -183,8 +183,8 @@ def check_writable(argv: list[str]) -> None:
         tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-        raise UserError(f"Cannot write the run folder {target} ({e.strerror or e} in {existing}); choose a writable "
-                        f"place with {key}=<dir>.") from None
+        raise UserError(f"Cannot write the run folder {target} (creating a file in {existing} failed: "
+                        f"{e.strerror or e}); choose a writable place with {key}=<dir>.") from None
 
 
 def join_torchrun(argv: list[str]) -> list[str]:

@@ -96,11 +96,13 @@ def resolve_device(name: str) -> torch.device:
     return distributed.local_device(device)
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
+def seed_everything(seed: int, deterministic: bool = True, device: torch.device | None = None) -> None:
+    """Seed every generator; `deterministic` asks CUDA for deterministic kernels (CPU kernels
+    are deterministic already, and the switch costs an import of torch's compiler stack)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    if deterministic:
+    if deterministic and (device is None or device.type == "cuda"):
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False

@@ -220,7 +220,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
     if lr is not None and not lr > 0:
         raise UserError(f"optimizer.lr must be positive, got {lr}.")
     device = engine.resolve_device(trainer.device)
-    engine.seed_everything(cfg.seed, trainer.deterministic)
+    engine.seed_everything(cfg.seed, trainer.deterministic, device)
     try:
         stream = build(cfg, "scenario", _convert_="all")
     except UserError as e:  # name every missing piece at once (data and offline weights)

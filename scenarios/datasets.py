@@ -267,7 +267,9 @@ def image_folder(
     else:
         train = _decode_folder(train_p, classes, size, workers)
         test = _decode_folder(test_p, classes, size, workers)
-        if cache is not None:
+        if cache is not None:  # atomically: jobs of a sweep (or DDP ranks) may decode the same folder at once
             cache.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"train": (train.x, train.y), "test": (test.x, test.y)}, cache)
+            tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+            torch.save({"train": (train.x, train.y), "test": (test.x, test.y)}, tmp)
+            os.replace(tmp, cache)
     return ImageDataset(name, train, test, len(classes), classes)

@@ -43,6 +43,22 @@ from cl.evaluation import metrics
 from cl.stream import Batch, Stream, TensorData
 
 
+def _array(typecode: str, saved) -> array:
+    """An evaluator trace from a checkpoint (bytes; lists in older checkpoints)."""
+    out = array(typecode)
+    out.frombytes(saved) if isinstance(saved, bytes) else out.extend(saved)
+    return out
+
+
+def _matrix(rows: list[list[float]]) -> torch.Tensor:
+    """Accuracy rows as one float64 tensor for the checkpoint (exact; T² Python floats pickle slowly)."""
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _rows(saved) -> list:
+    return saved.tolist() if isinstance(saved, torch.Tensor) else saved
+
+
 @contextmanager
 def eval_mode(model: torch.nn.Module):
     states = [(m, m.training) for m in model.modules()]
@@ -308,8 +324,9 @@ class Evaluator:
     def state_dict(self) -> dict:
         return {
             "initial_row": self.initial_row, "initial_row_task_aware": self.initial_row_task_aware,
-            "rows": self.rows, "rows_task_aware": self.rows_task_aware,
-            "trace_iters": [t.tolist() for t in self.trace_iters], "trace_accs": [t.tolist() for t in self.trace_accs],
+            "rows": _matrix(self.rows), "rows_task_aware": _matrix(self.rows_task_aware),
+            # as bytes: pickling one object per evaluation made checkpoints of long streams slow
+            "trace_iters": [t.tobytes() for t in self.trace_iters], "trace_accs": [t.tobytes() for t in self.trace_accs],
             "starts": self.starts, "ends": self.ends, "every": self.every, "periods": self.periods,
             "generator": self.generator.get_state(), "eval_seconds": self.eval_seconds,
             "matrix_seconds": self.matrix_seconds,
@@ -319,10 +336,10 @@ class Evaluator:
 
     def load_state_dict(self, state: dict) -> None:
         self.initial_row, self.initial_row_task_aware = state["initial_row"], state["initial_row_task_aware"]
-        self.rows = [list(r) for r in state["rows"]]
-        self.rows_task_aware = [list(r) for r in state["rows_task_aware"]]
-        self.trace_iters = [array("q", t) for t in state["trace_iters"]]
-        self.trace_accs = [array("d", t) for t in state["trace_accs"]]
+        self.rows = [list(r) for r in _rows(state["rows"])]
+        self.rows_task_aware = [list(r) for r in _rows(state["rows_task_aware"])]
+        self.trace_iters = [_array("q", t) for t in state["trace_iters"]]
+        self.trace_accs = [_array("d", t) for t in state["trace_accs"]]
         self.starts, self.ends = list(state["starts"]), list(state["ends"])
         self.every, self.periods = state["every"], [dict(p) for p in state["periods"]]
         self.generator.set_state(state["generator"])
