@@ -43,6 +43,7 @@ test-slow: install
 
 bench: install
 	$(PY) benchmarks/engine_overhead.py
+	$(PY) benchmarks/scaling.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -146,25 +146,37 @@ def sync_step(params: list[Tensor], buffers: list[Tensor], loss: float, stop: bo
     """One flat all-reduce per optimizer step: the gradients of `params` and the loss are
     averaged over ranks, the float `buffers` (batch-norm statistics) become rank 0's (as
     DDP's `broadcast_buffers`), and `stop` is true if any rank was asked to stop.
-    The identity with one process."""
+
+    A parameter that got no gradient on some rank (a per-task module no sample of its
+    share used) counts as zero there; one that got none on any rank keeps `grad=None`,
+    so the optimizer skips it as it would in one process. The identity with one process."""
     if not active():
         return loss, stop
-    grads = [p.grad for p in params if p.grad is not None]
     floats = [b for b in buffers if b.is_floating_point()]
-    device = (grads + floats)[0].device if grads or floats else torch.device("cpu")
+    device = params[0].device if params else (floats[0].device if floats else torch.device("cpu"))
     main = rank() == 0
-    flat = torch.cat([g.detach().reshape(-1).float() for g in grads]
+    has = [p.grad is not None for p in params]
+    flat = torch.cat([(p.grad if h else torch.zeros_like(p)).detach().reshape(-1).float() for p, h in zip(params, has)]
                      + [(b if main else torch.zeros_like(b)).detach().reshape(-1).float() for b in floats]
-                     + [torch.tensor([loss, float(stop)], dtype=torch.float32, device=device)])
+                     + [torch.tensor(has + [loss, float(stop)], dtype=torch.float32, device=device)])
     flat = _comm_device(flat)
     dist.all_reduce(flat)
+    tail = flat[-(len(params) + 2):].tolist()
     offset = 0
-    for t, scale in [(g, world()) for g in grads] + [(b, 1) for b in floats]:
-        n = t.numel()
-        part = flat[offset: offset + n].view_as(t)
-        t.copy_(part / scale if scale != 1 else part)
+    for p, anywhere in zip(params, tail[: len(params)]):
+        n = p.numel()
+        if anywhere:
+            avg = (flat[offset: offset + n] / world()).view_as(p).to(device=p.device, dtype=p.dtype)
+            if p.grad is None:
+                p.grad = avg
+            else:
+                p.grad.copy_(avg)
         offset += n
-    return float(flat[-2]) / world(), bool(flat[-1] > 0)
+    for b in floats:
+        n = b.numel()
+        b.copy_(flat[offset: offset + n].view_as(b))
+        offset += n
+    return tail[-2] / world(), tail[-1] > 0
 
 
 def check_in_sync(model: torch.nn.Module, where: str) -> None:

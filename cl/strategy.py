@@ -26,6 +26,13 @@ which applies the stream's train augmentation with the run's generator (replay
 strategies use it on buffer samples), and `log(event)`, the run's event log
 (metrics.jsonl, console, wandb) for a method's own diagnostics.
 
+Under torchrun (`cl.distributed`), `training_step` sees this rank's share of the
+global batch (`batch.global_size` is the whole batch's size) and every other hook
+runs identically on every rank; a method that draws from its own seeded
+generators and reads only parameters, gradients (already averaged) and whole
+datasets needs nothing more. Counts accumulated from training shares must be
+summed with `distributed.all_sum`; replay buffers handle DDP themselves.
+
 Resume: the engine calls `setup(stream)`, then, for a checkpoint taken inside
 experience k, `before_experience(k)` (with the random state it had then) followed
 by `load_state_dict`; for a checkpoint at the end of experience k, only

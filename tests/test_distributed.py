@@ -80,3 +80,49 @@ def test_resuming_with_another_number_of_processes_is_refused(tmp_path):
     (out / "results.json").unlink()
     r = cli([f"resume={out}"])
     assert r.returncode == 2 and "torchrun --nproc_per_node=2" in r.stderr, r.stderr[-2000:]
+
+
+def _collectives(rank: int, world: int, port: int, out) -> None:
+    import torch.distributed as dist
+
+    from cl import distributed
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        used = torch.nn.Parameter(torch.zeros(3))
+        only_rank0 = torch.nn.Parameter(torch.zeros(2))  # a per-task module only rank 0's share reached
+        never = torch.nn.Parameter(torch.zeros(2))  # no rank used it: it must stay without a gradient
+        used.grad = torch.full((3,), float(rank + 1))
+        if rank == 0:
+            only_rank0.grad = torch.full((2,), 4.0)
+        stats = torch.full((2,), float(10 + rank))  # a batch-norm running mean
+        loss, stop = distributed.sync_step([used, only_rank0, never], [stats], loss=float(rank), stop=rank == 1)
+        out[rank] = {
+            "used": used.grad.tolist(), "only": only_rank0.grad.tolist(), "never": never.grad,
+            "stats": stats.tolist(), "loss": loss, "stop": stop,
+            "gather": distributed.gather(torch.arange(rank + 2)).tolist(),  # uneven shares, rank order
+            "shard": distributed.shard(list(range(5))),
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_on_two_gloo_processes():
+    """The flat all-reduce: gradients averaged (a gradient missing on one rank counts as zero,
+    missing everywhere stays None), buffers taken from rank 0, the loss averaged, a stop
+    request seen by all; gathers keep rank order with uneven sizes; shards are contiguous."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_collectives, args=(2, port, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        r = out[rank]
+        assert r["used"] == [1.5, 1.5, 1.5] and r["only"] == [2.0, 2.0] and r["never"] is None
+        assert r["stats"] == [10.0, 10.0] and r["loss"] == 0.5 and r["stop"] is True
+        assert r["gather"] == [0, 1, 0, 1, 2]
+    assert out[0]["shard"] == [0, 1, 2] and out[1]["shard"] == [3, 4]
