@@ -146,13 +146,15 @@ def hydra_main(cfg: DictConfig) -> float | None:
         stop.forward()  # under submitit: requeue the job (it continues from the checkpoint)
         sys.exit(128 + stop.signum)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        where = f"[rank {distributed.rank()}] " if distributed.rank() else ""
+        print(f"{where}error: {e}", file=sys.stderr)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # one failed job must not stop the sweep: record it, report NaN to the sweeper
             (Path(HydraConfig.get().runtime.output_dir) / "error.txt").write_text(f"{e}\n")
             return float("nan")
         sys.exit(EXIT_BAD_INPUT)
-    print_summary(results, run_dir)
+    if distributed.is_main():
+        print_summary(results, run_dir)
     value = results["metrics"].get(cfg.get("objective", "average_incremental_accuracy"))
     return float(value) if value is not None else None
 

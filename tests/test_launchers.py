@@ -22,6 +22,20 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_folder(tmp_path):
     results = [json.loads((job / "results.json").read_text()) for job in jobs]
     assert [res["protocol"]["seed"] for res in results] == [0, 1]
     assert results[0]["protocol"]["class_order"] != results[1]["protocol"]["class_order"]
+    # provenance: the code's commit, the library versions, the device and the world size
+    import subprocess
+
+    import torch
+
+    from tests.conftest import ROOT
+
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    for res in results:
+        prov = res["provenance"]
+        assert prov["git_commit"] == head and isinstance(prov["git_dirty"], bool)
+        assert prov["versions"]["torch"] == torch.__version__.split("+")[0]
+        assert {"timm", "transformers", "hydra-core"} <= set(prov["versions"]) and all(prov["versions"].values())
+        assert prov["device"] == "cpu" and prov["world_size"] == 1
     for job in jobs:
         assert {"config.yaml", "metrics.jsonl", "results.json", "accuracy_matrix.png"} <= {p.name for p in job.iterdir()}
         assert (job / "checkpoints" / "last.pt").is_file()

@@ -1,7 +1,8 @@
 """Preemption: SIGINT and SIGTERM (SLURM's preemption signal) stop a run with a checkpoint
 and one line saying how to resume; after SIGKILL at a random moment, `resume=<run dir>`
 still ends with the uninterrupted run's results.json, byte for byte, and its event log,
-with no event missing or written twice."""
+with no event missing or written twice. A requeued job (the same command in the same
+folder, as submitit requeues a preempted SLURM job) continues from its checkpoint."""
 from __future__ import annotations
 
 import os
@@ -17,7 +18,7 @@ import pytest
 from tests.conftest import ROOT, cli, read_events
 from tests.test_engine import comparable
 
-# ~120 steps of ≥ 30 ms: about 4 s of training after the first checkpoint
+# ~120 steps; the signalled run takes ≥ 30 ms per step ($CL_TEST_SLOW): about 4 s after the first checkpoint
 ARGS = ["debug=smoke", "strategy._target_=tests.helpers.SlowER", "scenario.max_per_class=60", "trainer.epochs=2",
         "trainer.batch_size=8", "trainer.checkpoint_every=5", "trainer.log_every=1", "evaluation.every=2",
         "scheduler=cosine"]
@@ -34,10 +35,10 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
 def test_a_signalled_run_resumes_to_the_uninterrupted_numbers(sig, reference, tmp_path):
     out = tmp_path / "run"
+    args = ARGS + [f"hydra.run.dir={out}"]
     delay = random.uniform(0.0, 2.5)  # a random iteration: the moment is not chosen by the code under test
-    proc = subprocess.Popen([sys.executable, "-m", "cl", *ARGS, f"hydra.run.dir={out}"], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen([sys.executable, "-m", "cl", *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1", "CL_TEST_SLOW": "1"})
     deadline = time.time() + 120
     while not (out / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -55,28 +56,16 @@ def test_a_signalled_run_resumes_to_the_uninterrupted_numbers(sig, reference, tm
         assert re.fullmatch(rf"{sig.name}: stopped at iteration \d+ with a checkpoint; resume with: "
                             rf"python -m cl resume={re.escape(str(out))}", last), last
 
-    resumed = cli([f"resume={out}"])
+    if sig == signal.SIGTERM:  # SLURM preemption: the requeued job runs the same command again
+        resumed = cli(args)
+        assert "holds a checkpoint of this run; continuing from it" in resumed.stderr + resumed.stdout
+    else:
+        resumed = cli([f"resume={out}"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (out / "results.json").read_text() == (reference / "results.json").read_text(), where
     assert comparable(read_events(out)) == comparable(read_events(reference)), where
 
-
-def test_a_requeued_job_continues_in_its_own_folder(reference, tmp_path):
-    """A preempted SLURM job is started again with the same arguments in the same folder
-    (submitit's requeue): it continues from its checkpoint instead of starting over."""
-    out = tmp_path / "run"
-    args = ARGS + [f"hydra.run.dir={out}"]
-    proc = subprocess.Popen([sys.executable, "-m", "cl", *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.time() + 120
-    while not (out / "checkpoints" / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    proc.communicate(timeout=120)
-    again = cli(args)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "holds a checkpoint of this run; continuing from it" in again.stderr + again.stdout
-    assert (out / "results.json").read_text() == (reference / "results.json").read_text()
-    assert comparable(read_events(out)) == comparable(read_events(reference))
-    other = cli(args[:-1] + ["seed=5", f"hydra.run.dir={out}"])  # another run pointed at this folder
-    assert other.returncode == 2 and "holds a checkpoint of another run" in other.stderr and "seed" in other.stderr
+    if sig == signal.SIGTERM:  # another run pointed at this folder is refused, naming what differs
+        other = cli(ARGS + ["seed=5", f"hydra.run.dir={out}"])
+        assert other.returncode == 2 and "holds a checkpoint of another run" in other.stderr
+        assert "seed" in other.stderr
