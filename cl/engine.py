@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cl import distributed
-from cl.errors import Interrupted, UserError
+from cl.errors import Interrupted, UserError, cannot_write
 from cl.evaluation import Evaluator
 from cl.loggers import RunLogger
 from cl.stream import Stream
@@ -148,8 +148,7 @@ class Checkpointer:
             os.replace(tmp, self.path)
         except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
             tmp.unlink(missing_ok=True)
-            raise UserError(f"Cannot write the checkpoint {self.path} ({e}); free space or make the folder "
-                            f"writable, then resume with resume={self.folder.parent}.") from e
+            raise cannot_write(self.path, e, self.folder.parent) from e
         return self.path
 
     @staticmethod
@@ -258,7 +257,10 @@ def train(
     if resume is None:
         evaluator.initial()
     else:
-        saved_world = len(resume["rng"]) if isinstance(resume["rng"], list) else 1
+        for key in ("rng", "experience_rng"):  # one random state per rank (a single one before DDP existed)
+            if isinstance(resume.get(key), dict):
+                resume[key] = [resume[key]]
+        saved_world = len(resume["rng"])
         if saved_world != world:
             raise UserError(f"The run being resumed trained on {saved_world} process(es); resume it with the same "
                             f"number (torchrun --nproc_per_node={saved_world}), not {world}.")
@@ -269,6 +271,12 @@ def train(
             _set_rng_state(resume["rng"][rank], augment_gen)
             log({"event": "resume", "experience": pos.experience, "iteration": pos.iteration})
     experience_rng = None  # random state when the current experience started (for mid-experience resumes)
+
+    def interrupted() -> Interrupted:
+        """The stop after a checkpoint (the signal may have reached another rank only)."""
+        signum = preemption.signum if preemption is not None and preemption.signum else signal.SIGTERM
+        return Interrupted(signum, pos.iteration, checkpointer.path,
+                           preemption.forward if preemption is not None else None)
 
     def checkpoint(phase: str, optimizer=None, scheduler=None) -> None:
         pos.phase = phase
@@ -369,11 +377,11 @@ def train(
                 value, stop = distributed.sync_step(params, buffers, group_loss, stop)  # all ranks agree
                 group_loss = 0.0
                 if value != value or value in (float("inf"), float("-inf")):
-                    last = checkpointer.path if checkpointer.path.exists() else "none written yet"
+                    good = checkpointer.path if checkpointer.path.exists() else "none written yet"
                     raise UserError(
                         f"The loss became {value} at iteration {pos.iteration + 1} (experience {i}, epoch {epoch}); "
                         f"lower optimizer.lr or set trainer.clip_grad_norm, then resume from the last good "
-                        f"checkpoint ({last})."
+                        f"checkpoint ({good})."
                     )
                 scaler.unscale_(optimizer)
                 strategy.after_backward()
@@ -402,7 +410,7 @@ def train(
                     if pos.batch < n_batches:
                         checkpoint("mid", optimizer, scheduler)
                         if stop:
-                            raise Interrupted(preemption.signum or signal.SIGTERM, pos.iteration, checkpointer.path, preemption.forward)
+                            raise interrupted()
                     else:  # the epoch's last step: checkpoint after the epoch-end schedule step
                         pending = True
             pos.batch = 0
@@ -413,7 +421,7 @@ def train(
                 pos.epoch, pending = epoch + 1, False
                 checkpoint("mid", optimizer, scheduler)
                 if stop:
-                    raise Interrupted(preemption.signum or signal.SIGTERM, pos.iteration, checkpointer.path, preemption.forward)
+                    raise interrupted()
 
         strategy.after_experience(exp)
         distributed.check_in_sync(strategy.model, f"after experience {i}")

@@ -6,6 +6,12 @@ class UserError(Exception):
     """Bad input: an option, a missing file, data or weights, a diverging run."""
 
 
+def cannot_write(path, reason, run_dir) -> UserError:
+    """A file of the run folder could not be written (full disk, read-only folder)."""
+    return UserError(f"Cannot write {path} ({reason}); free space or choose a writable run folder "
+                     f"(hydra.run.dir=<dir>), then resume with resume={run_dir}.")
+
+
 class Interrupted(Exception):
     """SIGINT/SIGTERM stopped the run after a checkpoint; `python -m cl` says how to resume."""
 

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cl import distributed, engine
-from cl.errors import UserError
+from cl.errors import UserError, cannot_write
 from cl.evaluation import Evaluator
 from cl.evaluation import plots
 from cl.loggers import ConsoleLogger, JsonlLogger, RunLogger
@@ -192,8 +192,7 @@ def write(path: Path, text: str) -> None:
         tmp.write_text(text)
         os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"Cannot write {path} ({e.strerror}); free space or choose a writable run folder "
-                        f"(hydra.run.dir=<dir>), then resume with resume={path.parent}.") from e
+        raise cannot_write(path, e.strerror or e, path.parent) from e
 
 
 def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, console: bool = True) -> dict:

@@ -5,7 +5,7 @@ import math
 import os
 from pathlib import Path
 
-from cl.errors import UserError
+from cl.errors import UserError, cannot_write
 
 
 def _clean(v):
@@ -32,8 +32,7 @@ class JsonlLogger:
             raise UserError(f"Cannot write {self.path} ({e.strerror}); choose a writable run folder with hydra.run.dir=<dir>.") from e
 
     def _failed(self, e: OSError) -> UserError:
-        return UserError(f"Cannot write {self.path} ({e.strerror or e}); free space or choose a writable run folder "
-                         f"(hydra.run.dir=<dir>), then resume with resume={self.path.parent}.")
+        return cannot_write(self.path, e.strerror or e, self.path.parent)
 
     def log(self, event: dict) -> None:
         try:
