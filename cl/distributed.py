@@ -92,18 +92,11 @@ def shard(items):
     return items[lo:hi]
 
 
-def _comm_device(t: Tensor) -> Tensor:
-    """gloo reduces CPU tensors, NCCL CUDA ones."""
-    if t.device.type == "cuda" and dist.get_backend() == "gloo":
-        return t.cpu()
-    return t
-
-
 def all_sum(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum over ranks of a few numbers (evaluation counts)."""
     if not active():
         return list(values)
-    t = _comm_device(torch.tensor(values, dtype=torch.float64, device=device))
+    t = torch.tensor(values, dtype=torch.float64, device=device)  # init() picked a backend for this device
     dist.all_reduce(t)
     return t.tolist()
 
@@ -159,14 +152,13 @@ def sync_step(params: list[Tensor], buffers: list[Tensor], loss: float, stop: bo
     flat = torch.cat([(p.grad if h else torch.zeros_like(p)).detach().reshape(-1).float() for p, h in zip(params, has)]
                      + [(b if main else torch.zeros_like(b)).detach().reshape(-1).float() for b in floats]
                      + [torch.tensor(has + [loss, float(stop)], dtype=torch.float32, device=device)])
-    flat = _comm_device(flat)
     dist.all_reduce(flat)
     tail = flat[-(len(params) + 2):].tolist()
     offset = 0
     for p, anywhere in zip(params, tail[: len(params)]):
         n = p.numel()
         if anywhere:
-            avg = (flat[offset: offset + n] / world()).view_as(p).to(device=p.device, dtype=p.dtype)
+            avg = (flat[offset: offset + n] / world()).view_as(p).to(p.dtype)
             if p.grad is None:
                 p.grad = avg
             else:
