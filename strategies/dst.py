@@ -6,19 +6,23 @@ made `affine=False, track_running_stats=False`, as in the official models).
 
 For task t, with U the union of the earlier masks and W∪ the union weights:
 
-1. a fresh mask M_t at density d (`init=uniform`: d in every layer; `init=ERK`:
-   d_l ∝ (Σ dims)/(Π dims), capped at 1, scaled to the global d), drawn
-   independently of U, so about d·|U| of it reuses frozen old weights;
+1. a fresh mask M_t, each entry of layer l drawn with probability d_l (`init=uniform`:
+   d_l = d; `init=ERK`: d_l ∝ (Σ dims)/(Π dims), capped at 1, scaled to the global d),
+   independently of U, so about d·|U| of it reuses frozen old weights
+   (`mask_draw=exact`, kept from our earlier version, takes exactly round(d_l·n_l)
+   entries per layer instead);
 2. W ← W∪ ⊙ M_t (the first task starts from the random init ⊙ M_0; later tasks'
    new positions start at 0), a new optimizer;
 3. every step: cross-entropy over the task's classes; gradients on U zeroed;
    optimizer step; W ← W ⊙ M_t;
-4. every ΔT steps (`update_every`), per layer: drop the r·nnz active weights of
-   smallest |w| (r decays with a cosine from `drop_start`=0.5 to `drop_end`=0.005
-   over the task's steps) and grow as many inactive positions by `growth`:
-   `random`, `unfired` (prefers positions never active during this task),
-   `gradient` (RigL, top |∇L|) or `momentum` (top |m̂/√v̂| from Adam);
-5. the weights and mask of the epoch with the best training accuracy are kept;
+4. every ΔT steps (`update_every`; the task's last step too when ΔT divides it), per
+   layer: drop the ⌈r·nnz⌉ active weights of smallest |w| (r decays with a cosine
+   from `drop_start`=0.5 to `drop_end`=0.005 over the task's steps) and grow as many
+   inactive positions by `growth`: `random`, `unfired` (prefers positions never
+   active during this task), `gradient` (RigL, top |∇L|) or `momentum` (top |m̂/√v̂|
+   from Adam);
+5. the weights and mask of the epoch with the best training accuracy (argmax over
+   all classes' logits against the label) are kept;
 6. merge: W∪ takes the task's weights where M_t, U ← U ∪ M_t, M_t is stored.
 
 Evaluation of task j uses W∪ ⊙ M_j (the live weights for the task in training),
@@ -27,14 +31,19 @@ the official unrestricted argmax over all classes (`eval_logits=all`: the primar
 accuracy is then the task-agnostic one). BN uses the test batch's statistics, as
 in the official code. Forgetting is zero by construction.
 
-Deviations from the official code, each to keep that guarantee or make counts exact:
+Deviations from the official code:
+- the default `eval_logits=task` (task-aware accuracy, the framework's primary
+  accuracy in the task setting); `eval_logits=all` is the official measurement;
 - drop and grow remove and add exactly the same number of weights (the official
   magnitude threshold can drop more when weights tie at 0; its random growth is
-  a Bernoulli draw), so every layer stays at its density; just-dropped positions
+  a Bernoulli draw), so every layer keeps its mask size; just-dropped positions
   are not regrown in the same update (RigL's rule);
 - none by default for a regrown position of an earlier task: as in the official
   code it stays 0 while this task trains, but evaluation (W∪ ⊙ M_t) sees the old
   value; `revived=old` instead gives it the old value during training too;
+- r is the closed-form cosine (the official reads it from torch's
+  `CosineAnnealingLR`, equal up to rounding); random draws come from seeded
+  generators of their own (identical on every rank, the same after a resume);
 - parameters outside the masks other than the head's bias (hidden biases of an
   MLP, say) train in the first task only; the official models have none.
 
@@ -79,14 +88,14 @@ def cosine_drop_rate(step: int, total: int, start: float = 0.5, end: float = 0.0
 class DST(Strategy):
     def __init__(self, model, optimizer, scheduler=None, density: float = 0.2, init: str = "uniform",
                  growth: str = "random", update_every: int = 400, drop_start: float = 0.5, drop_end: float = 0.005,
-                 eval_logits: str = "task", keep_best: bool = True, revived: str = "zero", epochs: int = 1,
-                 batch_size: int = 32,
-                 drop_last: bool = False, seed: int = 0):
+                 eval_logits: str = "task", keep_best: bool = True, revived: str = "zero", mask_draw: str = "bernoulli",
+                 epochs: int = 1, batch_size: int = 32, drop_last: bool = False, seed: int = 0):
         super().__init__(model, optimizer, scheduler)
         if not 0 < density <= 1:
             raise UserError(f"strategy.density must be in (0, 1], got {density}.")
         choices = {"init": (init, ("uniform", "ERK")), "growth": (growth, ("random", "unfired", "gradient", "momentum")),
-                   "eval_logits": (eval_logits, ("task", "all")), "revived": (revived, ("zero", "old"))}
+                   "eval_logits": (eval_logits, ("task", "all")), "revived": (revived, ("zero", "old")),
+                   "mask_draw": (mask_draw, ("bernoulli", "exact"))}
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise UserError(f"strategy.{key} must be one of {', '.join(allowed)}, not {value!r}.")
@@ -94,7 +103,7 @@ class DST(Strategy):
             raise UserError(f"strategy.update_every must be a positive integer, got {update_every!r}.")
         self.density, self.init, self.growth, self.update_every = density, init, growth, update_every
         self.drop_start, self.drop_end = drop_start, drop_end
-        self.eval_logits, self.keep_best, self.revived = eval_logits, keep_best, revived
+        self.eval_logits, self.keep_best, self.revived, self.mask_draw = eval_logits, keep_best, revived, mask_draw
         self.epochs, self.batch_size, self.drop_last, self.seed = epochs, batch_size, drop_last, seed
         self.task_aware_accuracy = eval_logits == "task"
         self.masks: dict[int, list[Tensor]] = {}
@@ -128,9 +137,11 @@ class DST(Strategy):
         masks = []
         for w, d in zip(self.weights, self.layer_density):
             n = w.numel()
-            idx = torch.randperm(n, generator=g)[: round(d * n)]
-            m = torch.zeros(n, dtype=torch.bool)
-            m[idx] = True
+            if self.mask_draw == "bernoulli":  # each entry with probability d (official)
+                m = torch.rand(n, generator=g) < d
+            else:  # exactly round(d·n) entries
+                m = torch.zeros(n, dtype=torch.bool)
+                m[torch.randperm(n, generator=g)[: round(d * n)]] = True
             masks.append(m.view_as(w).to(w.device))
         return masks
 
@@ -159,12 +170,11 @@ class DST(Strategy):
     # ---- training ---------------------------------------------------------------------
     def training_step(self, batch: Batch) -> Tensor:
         classes = torch.tensor(sorted(self.experience.classes), device=batch.y.device)
-        logits = self.forward(batch.x, batch.t)[:, classes]
-        target = torch.searchsorted(classes, batch.y)
-        with torch.no_grad():
-            self.correct += int((logits.argmax(1) == target).sum())
-            self.seen += len(target)
-        return F.cross_entropy(logits, target)
+        logits = self.forward(batch.x, batch.t)
+        with torch.no_grad():  # for the best epoch: argmax over all classes against the label (official)
+            self.correct += int((logits.argmax(1) == batch.y).sum())
+            self.seen += len(batch.y)
+        return F.cross_entropy(logits[:, classes], torch.searchsorted(classes, batch.y))
 
     def after_backward(self) -> None:
         for w, u in zip(self.weights, self.used):
@@ -183,7 +193,7 @@ class DST(Strategy):
     def after_optimizer_step(self) -> None:
         self._apply_mask()
         self.step += 1
-        if self.step % self.update_every == 0 and self.step < self.total_steps:
+        if self.step % self.update_every == 0:  # the task's last step included (official)
             self.update_topology()
 
     @torch.no_grad()
@@ -193,7 +203,7 @@ class DST(Strategy):
         for i, (w, m) in enumerate(zip(self.weights, self.mask)):
             flat_m = m.view(-1)
             active = flat_m.nonzero().squeeze(1)
-            k = int(rate * active.numel())
+            k = math.ceil(rate * active.numel())
             inactive = (~flat_m).nonzero().squeeze(1)
             k = min(k, inactive.numel())
             if k == 0:

@@ -1,10 +1,20 @@
 """DST: BWT exactly 0, earlier tasks' weights bit-identical after later tasks,
-per-layer density on target after every topology update, ERK in closed form."""
+per-layer mask sizes kept by every topology update, ERK in closed form; and, each
+against a re-derivation from the official code (muratonuryildirim/CL-with-DST):
+the MobileNetV2, the drop count, the Bernoulli mask draw, the update at a task's
+last step and the best-epoch choice."""
 from __future__ import annotations
+
+import math
+from functools import partial
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
+from cl.models import Classifier, MobileNetV2
+from cl.stream import Batch, Experience, Stream, TensorData
 from strategies.dst import DST, cosine_drop_rate, erk_densities
 from tests.conftest import run_inprocess
 
@@ -36,10 +46,14 @@ class RecordingDST(DST):
     coverage: list = []
     updates = 0
 
+    def before_experience(self, exp):
+        super().before_experience(exp)
+        self.drawn = [int(m.sum()) for m in self.mask]
+
     def update_topology(self):
         super().update_topology()
         RecordingDST.updates += 1
-        RecordingDST.densities.append([(int(m.sum()), m.numel(), d) for m, d in zip(self.mask, self.layer_density)])
+        RecordingDST.densities.append([(int(m.sum()), n) for m, n in zip(self.mask, self.drawn)])
 
     def after_experience(self, exp):
         super().after_experience(exp)
@@ -70,10 +84,10 @@ def test_bwt_is_zero_old_weights_are_bit_identical_and_density_stays_on_target(t
     assert len(RecordingDST.merged) == 5
     for j, at_end in enumerate(RecordingDST.merged):
         assert all(torch.equal(a, b) for a, b in zip(at_end, RecordingDST.views[j])), f"task {j}'s weights moved"
-    # per-layer density on target after every topology update (drop and grow are the same size)
+    # every layer keeps its drawn mask size through every topology update (drop and grow are the same size)
     assert RecordingDST.updates >= 5 * 3
     for record in RecordingDST.densities:
-        assert all(nnz == round(d * n) for nnz, n, d in record)
+        assert all(nnz == drawn for nnz, drawn in record)
     if init == "uniform":
         # masks drawn independently of U: the union covers about 1 - (1 - d)^T (0.67), not d
             # (nested masks) nor T·d (disjoint); topology updates move it a little
@@ -90,3 +104,170 @@ def test_unrestricted_logits_make_the_task_agnostic_accuracy_primary(tmp_path):
     results = run_inprocess(TIL + ["strategy=dst", "strategy.eval_logits=all", "trainer.epochs=1",
                                    "scenario.max_per_class=20"], tmp_path / "all")
     assert results["protocol"]["accuracy"] == "task-agnostic"
+
+
+# ---- the official MobileNetV2 (models.py) ----------------------------------------------------
+# Re-derived from the official class: a 3x3 stride-2 stem to int(32·w) channels; per setting
+# (t, c, n, s) n blocks of [1x1 to cin·t, 3x3 depthwise with stride s (first block) or 1,
+# 1x1 to int(c·w)] — the 1x1 expansion is there for t = 1 too; a residual when the stride is 1
+# and cin = cout; a 1x1 conv to 1280 (not scaled by w); average pool; Linear(1280, classes).
+OFFICIAL_SETTINGS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                     (6, 320, 1, 1)]
+
+
+def official_mobilenet_layers(width: float, num_classes: int) -> list[tuple]:
+    """(kind, weight shape, stride, groups) of every conv/linear layer, in forward order, and each block's residual."""
+    c = int(32 * width)
+    layers, residual = [("conv", (c, 3, 3, 3), 2, 1)], []
+    for t, out, n, s in OFFICIAL_SETTINGS:
+        out = int(out * width)
+        for i in range(n):
+            stride, hidden = (s if i == 0 else 1), c * t
+            layers += [("conv", (hidden, c, 1, 1), 1, 1), ("conv", (hidden, 1, 3, 3), stride, hidden),
+                       ("conv", (out, hidden, 1, 1), 1, 1)]
+            residual.append(stride == 1 and c == out)
+            c = out
+    layers += [("conv", (1280, c, 1, 1), 1, 1), ("linear", (num_classes, 1280), None, None)]
+    return layers, residual
+
+
+def official_mobilenet_forward(x, layers, weights, residual, bias):
+    """The official forward with the given weights; BN as the official (batch statistics, no affine)."""
+    bn = lambda h: F.batch_norm(h, None, None, training=True)  # noqa: E731
+    conv = lambda h, i: F.conv2d(h, weights[i], stride=layers[i][2], padding=weights[i].shape[-1] // 2,  # noqa: E731
+                                 groups=layers[i][3])
+    h = F.relu6(bn(conv(x, 0)))
+    for b, res in enumerate(residual):
+        i = 1 + 3 * b
+        y = bn(conv(F.relu6(bn(conv(F.relu6(bn(conv(h, i))), i + 1))), i + 2))
+        h = h + y if res else y
+    h = F.relu6(bn(conv(h, len(layers) - 2)))
+    return F.linear(h.mean((2, 3)), weights[-1], bias)
+
+
+def ours_mobilenet(width: float, num_classes: int) -> Classifier:
+    model = Classifier(partial(MobileNetV2, width=width), input_shape=(3, 32, 32))
+    model.grow(num_classes)
+    return model
+
+
+def layer_list(model) -> list[tuple]:
+    return [("conv", tuple(m.weight.shape), m.stride[0], m.groups) if isinstance(m, nn.Conv2d)
+            else ("linear", tuple(m.weight.shape), None, None)
+            for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+@pytest.mark.parametrize("width", [1.0, 0.25])
+def test_mobilenetv2_is_the_official_network(width):
+    torch.manual_seed(0)
+    model = ours_mobilenet(width, 100)
+    official, residual = official_mobilenet_layers(width, 100)
+    assert len(official) == 54 and layer_list(model) == official
+    assert [blk.residual for blk in model.modules() if hasattr(blk, "residual")] == residual
+    x = torch.randn(2, 3, 32, 32)
+    assert model.backbone.features(x).shape == (2, 1280, 1, 1)  # a 1x1 final map on CIFAR
+    if width == 0.25:  # the same function: our module wiring equals the official forward on our weights
+        weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        with torch.no_grad():
+            expected = official_mobilenet_forward(x, official, weights, residual, model.head.fc.bias)
+            torch.testing.assert_close(model(x), expected)
+
+
+# ---- the sparse-training core (core.py) on a tiny network, hooks called directly ------------
+class Tiny(nn.Module):
+    def __init__(self, input_shape=(1, 6, 6)):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1, bias=False)
+        self.fc = nn.Linear(8 * 36, 40, bias=False)
+        self.num_features = 40
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+def tiny_dst(**kw) -> DST:
+    torch.manual_seed(0)
+    exps = []
+    for i in range(2):
+        y = torch.arange(2 * i, 2 * i + 2).repeat(8)
+        data = TensorData(torch.randn(16, 1, 6, 6), y, torch.full_like(y, i))
+        exps.append(Experience(i, [2 * i, 2 * i + 1], data, data, i))
+    stream = Stream(exps, "task", "tiny", 4, (1, 6, 6))
+    dst = DST(Classifier(Tiny(), (1, 6, 6)), partial(torch.optim.SGD, lr=0.1), **{"batch_size": 4, **kw})
+    dst.setup(stream)
+    dst.before_experience(exps[0])
+    dst.configure_optimizer(exps[0])
+    return dst
+
+
+def test_one_update_drops_the_official_count_and_grows_as_many():
+    dst = tiny_dst(update_every=10, epochs=25)  # 100 steps; the update at step 30
+    dst.step = 30
+    rate = cosine_drop_rate(30, 100)
+    before = [m.clone() for m in dst.mask]
+    weights = [w.detach().clone() for w in dst.weights]
+    dst.update_topology()
+    fractional = 0
+    for w, old, new in zip(weights, before, dst.mask):
+        # official magnitude_death: num_remove = ceil(r·nnz); the threshold is the
+        # (num_zeros + num_remove)-th smallest |w| of the masked weight; keep |w| > threshold
+        nnz = int(old.sum())
+        num_remove = math.ceil(rate * nnz)
+        fractional += num_remove != int(rate * nnz)
+        masked = (w * old).abs().flatten()
+        threshold = masked.sort().values[old.numel() - nnz + num_remove - 1]
+        kept = (masked > threshold).view_as(old)
+        assert torch.equal(old & new, kept)  # the same weights dropped
+        assert int((new & ~old).sum()) == num_remove  # as many grown (the official: that many in expectation)
+    assert fractional == len(before)  # r·nnz is not an integer in any layer: int() would drop one fewer
+
+
+def test_masks_are_bernoulli_draws_by_default_and_exact_counts_on_request():
+    dst = tiny_dst()
+    n = [w.numel() for w in dst.weights]
+    counts = torch.tensor([[int(m.sum()) for m in dst._draw_mask(t)] for t in range(400)], dtype=torch.float64)
+    # official uniform init: (torch.rand(shape) < d) per layer, i.e. Binomial(n_l, d) entries
+    official = torch.tensor([[int((torch.rand(k) < 0.2).sum()) for k in n] for _ in range(400)], dtype=torch.float64)
+    for ours, ref, k in zip(counts.T, official.T, n):
+        mean, std = k * 0.2, math.sqrt(k * 0.2 * 0.8)
+        for c in (ours, ref):
+            assert abs(float(c.mean()) - mean) < 4 * std / math.sqrt(400)
+            assert float(c.std()) == pytest.approx(std, rel=0.2)
+    exact = tiny_dst(mask_draw="exact")
+    assert all(int(m.sum()) == round(0.2 * k) for m, k in zip(exact._draw_mask(3), n))
+
+
+def test_the_topology_is_updated_at_a_tasks_last_step_too():
+    dst = tiny_dst(update_every=4, epochs=2)  # 2 epochs x 4 batches = 8 steps: updates at steps 4 and 8
+    assert dst.total_steps == 8
+    calls = []
+    dst.update_topology = lambda: calls.append(dst.step)
+    for _ in range(dst.total_steps):
+        dst.after_optimizer_step()
+    # official Masking.step: steps += 1; truncate_weights() whenever steps % update_frequency == 0
+    assert calls == [s for s in range(1, 9) if s % 4 == 0] == [4, 8]
+
+
+def test_the_best_epoch_is_chosen_by_accuracy_over_all_logits():
+    dst = tiny_dst()
+    task = dst.stream[1]
+    dst.before_experience(task)
+    dst.configure_optimizer(task)
+    y = torch.tensor([2, 3, 2, 3])
+    batch = Batch(torch.zeros(4, 1, 6, 6), y, torch.ones_like(y))
+    # epoch 0: right within the task's classes, but class 0 wins over all logits (task 1.0, all 0.0)
+    # epoch 1: half right either way (task 0.5, all 0.5)
+    epochs = [torch.tensor([[9.0, 0, 2, 1], [9, 0, 1, 2], [9, 0, 2, 1], [9, 0, 1, 2]]),
+              torch.tensor([[0.0, 0, 2, 1], [0, 0, 1, 2], [0, 0, 1, 2], [0, 0, 2, 1]])]
+    official = [float((logits.argmax(1) == y).float().mean()) for logits in epochs]  # core.train's train_acc
+    bias = dst.model.head.fc.bias
+    for e, logits in enumerate(epochs):
+        dst.forward = lambda x, t, logits=logits: logits.clone().requires_grad_()
+        dst.training_step(batch)
+        with torch.no_grad():
+            bias.fill_(e)  # marks the epoch's parameters
+        dst.after_epoch(e)
+    chosen = max(range(2), key=lambda e: (official[e], -e))  # the first epoch with the highest accuracy
+    assert official == [0.0, 0.5] and chosen == 1
+    dst.after_experience(task)
+    assert torch.all(bias == chosen)
