@@ -14,18 +14,31 @@ weights are never blended during training). On small tensors β_t is mostly out
 of range, which makes DEMA a fixed EMA(0.99): the fallback rate and a histogram of
 β_t are logged and in results.json. `fixed_beta` gives the fixed-EMA baseline.
 
-*Instruction grouping* (the code's `LoRASelect.py`): a task's unique instructions
-are compared with each group's stored ones by the mean, over all pairs, of the
-cosine of TF-IDF vectors fit on that pair alone (sklearn, stop_words='english').
-If the best group reaches τ its LoRA is retrained, from its latest weights, with
-DEMA on, and the new instructions join the group; otherwise a new group gets a new
-LoRA initialised from the most recently trained one, with DEMA off. At test time
-each evaluation batch (the samples of one test set) routes to its best group if
-that reaches τ, else to the newest group.
+*Instruction grouping* (the code's `LoRASelect.py`): all of a task's unique instructions
+are compared with each group's stored ones by the mean, over all pairs, of the cosine of
+TF-IDF vectors fit on that pair alone (sklearn, stop_words='english'; computed for all
+pairs at once, equal to the official pair loop). If the best group reaches τ its LoRA is
+retrained, from its latest weights, with DEMA on, and the new instructions join the
+group; otherwise a new group gets a new LoRA initialised from the most recently trained
+one, with DEMA off. At test time a test set (an experience's eval split, in continual
+and full evaluations alike) is routed as a whole, as CoIN routes a test file: all its
+unique instructions select its best group if that reaches τ, else the newest group.
+A batch is placed in its test set by its instructions (the set holding all of them).
+`max_instructions` caps the instructions used per task and per test set (off by default).
+
+Deliberate differences from the official code:
+- The official scripts run the selection and then hard-code what it prints (each task's
+  starting checkpoint, its DEMA flag, the checkpoint a test file is evaluated with); here
+  the selection drives them, with every group's LoRA an adapter of one model.
+- A pair of instructions made only of stop words has similarity 0, with a warning
+  (sklearn raises on the empty vocabulary).
+- A batch whose instructions lie in several test sets that route to different groups
+  cannot be placed in one; it is routed by its own instructions, with a warning (the
+  official code evaluates one test file at a time); so does a batch from no test set. The
+  retention probe's prompts (CoIN has no probe) are routed as one more test set.
 """
 from __future__ import annotations
 
-import functools
 import random
 import warnings
 
@@ -104,22 +117,36 @@ class DynamicEMA:
                 "beta_histogram": {"edges": BETA_BINS.tolist(), "counts": self.histogram.tolist()}}
 
 
-@functools.lru_cache(maxsize=65536)
-def pair_similarity(x: str, h: str) -> float:
-    """Cosine of the TF-IDF vectors of x and h, fit on this pair only (sklearn defaults, English stop words)."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.metrics.pairwise import cosine_similarity
-
-    try:
-        v = TfidfVectorizer(stop_words="english").fit_transform([x, h])
-    except ValueError:  # only stop words: an empty vocabulary
-        warnings.warn(f"instruction pair made only of stop words ({x!r}, {h!r}); similarity 0.", stacklevel=2)
-        return 0.0
-    return float(cosine_similarity(v[0], v[1])[0, 0])
-
-
 def set_similarity(current: list[str], stored: list[str]) -> float:
-    return float(np.mean([pair_similarity(x, h) for x in current for h in stored]))
+    """The mean, over all pairs (x, h), of the cosine of x's and h's TF-IDF vectors fit on that pair alone
+    (sklearn defaults, English stop words): the official loop, for all pairs at once. Fit on two texts, a
+    word in both has idf 1 and a word in one has idf 1 + ln(3/2), so with word counts c_x, c_h and S the
+    words the pair shares, w = 1 + ln(3/2):
+        cos = Σ_S c_x c_h / √((Σ_S c_x² + w²·Σ_¬S c_x²)·(Σ_S c_h² + w²·Σ_¬S c_h²))."""
+    from scipy import sparse
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    try:  # the same analyzer as TfidfVectorizer(stop_words="english")
+        counts = CountVectorizer(stop_words="english", dtype=np.float64).fit_transform(current + stored).tocsr()
+    except ValueError:  # stop words only, everywhere: an empty vocabulary
+        counts = sparse.csr_matrix((len(current) + len(stored), 1))
+    x_all, h = counts[: len(current)], counts[len(current):]
+    if (x_all.getnnz(1) == 0).any() and (h.getnnz(1) == 0).any():
+        warnings.warn("an instruction pair is made only of stop words (sklearn cannot fit TF-IDF on it); its "
+                      "similarity counts as 0.", stacklevel=2)
+    w2 = (1 + np.log(1.5)) ** 2
+    h_sq, h_on = h.multiply(h).tocsr(), (h > 0).astype(np.float64)
+    h_norm = np.asarray(h_sq.sum(1)).ravel()
+    total, step = 0.0, max(1, 2 ** 22 // len(stored))  # row blocks of about 4M pairs
+    for lo in range(0, len(current), step):
+        x = x_all[lo: lo + step]
+        x_sq = x.multiply(x).tocsr()
+        dot = (x @ h.T).toarray()
+        nx = w2 * np.asarray(x_sq.sum(1)) - (w2 - 1) * (x_sq @ h_on.T).toarray()
+        nh = w2 * h_norm[None, :] - (w2 - 1) * ((x > 0).astype(np.float64) @ h_sq.T).toarray()
+        norm = np.sqrt(nx * nh)
+        total += float(np.divide(dot, norm, out=np.zeros_like(dot), where=norm > 0).sum())
+    return total / (len(current) * len(stored))
 
 
 class InstructionGroups:
@@ -148,11 +175,14 @@ class InstructionGroups:
 
 class LCIA(Strategy):
     def __init__(self, model, optimizer, scheduler=None, lora: dict | None = None, tau: float = 0.9,
-                 fallback: float = 0.01, fixed_beta: float | None = None, max_instructions: int = 64,
+                 fallback: float = 0.01, fixed_beta: float | None = None, max_instructions: int | None = None,
                  seed: int = 0):
         super().__init__(model, optimizer, scheduler)
         if not 0 <= tau <= 1:
             raise UserError(f"strategy.tau must be in [0, 1], got {tau}.")
+        if max_instructions is not None and (not isinstance(max_instructions, int) or max_instructions < 1):
+            raise UserError("strategy.max_instructions must be a positive integer or null (all instructions), "
+                            f"got {max_instructions!r}.")
         self.lora = lora_config(**(lora or {}))
         self.groups = InstructionGroups(tau)
         self.fallback, self.fixed_beta = fallback, fixed_beta
@@ -163,17 +193,25 @@ class LCIA(Strategy):
         self.ema: DynamicEMA | None = None
         self.active: str | None = None  # the adapter being trained
         self.latest: str | None = None  # the adapter trained most recently (a new group's initialisation)
-        self._routes: dict[tuple, int] = {}
+        self.test_sets: list[frozenset[str]] = []  # the instructions of every test set, to place a batch in its set
+        self._routes: dict[frozenset, int] = {}  # test set -> group, for the groups as they are
 
     @staticmethod
     def name(group: int) -> str:
         return f"group{group}"
 
-    def instructions(self, data) -> list[str]:
-        unique = data.instruction_set
-        if len(unique) > self.max_instructions:
+    def instructions(self, unique) -> list[str]:
+        """A set's unique instructions, sorted (a seeded sample of `max_instructions` if capped)."""
+        unique = sorted(unique)
+        if self.max_instructions is not None and len(unique) > self.max_instructions:
             unique = sorted(random.Random(self.seed).sample(unique, self.max_instructions))
         return unique
+
+    def setup(self, stream) -> None:
+        super().setup(stream)
+        sets = [d for e in stream for d in (e.eval, e.valid) if d is not None]
+        probe = getattr(stream.probe, "prompts", None)
+        self.test_sets = [frozenset(d.instructions) for d in sets + ([probe] if probe is not None else [])]
 
     def _new_adapter(self, group: int) -> None:
         from peft import PeftModel
@@ -198,7 +236,7 @@ class LCIA(Strategy):
 
     def before_experience(self, exp: Experience) -> None:
         super().before_experience(exp)
-        instructions = self.instructions(exp.train)
+        instructions = self.instructions(exp.train.instruction_set)
         similarities = self.groups.similarities(instructions)  # to the groups as they were before this task
         group, new = self.groups.assign(instructions)
         if new:
@@ -228,14 +266,23 @@ class LCIA(Strategy):
         self.latest = self.active
         self.log({"event": "lcia_dema", **stats})
 
-    # ---- inference: route each batch to a group ---------------------------------------
+    # ---- inference: route each test set, as a whole, to a group ---------------------------------
+    def route_set(self, instructions: frozenset) -> int:
+        if instructions not in self._routes:
+            self._routes[instructions] = self.groups.route(self.instructions(instructions))
+        return self._routes[instructions]
+
     def route(self, batch: Batch) -> str | None:
+        """The group of the test set the batch comes from: the set holding all the batch's instructions."""
         if not self.groups.groups:  # before the first task: the base model
             return None
-        key = tuple(sorted(set(batch.extra["instructions"])))
-        if key not in self._routes:
-            self._routes[key] = self.groups.route(list(key))
-        return self.name(self._routes[key])
+        mine = frozenset(batch.extra["instructions"])
+        groups = {self.route_set(s) for s in self.test_sets if mine <= s} or {self.route_set(mine)}
+        if len(groups) > 1:
+            warnings.warn("a batch's instructions belong to several test sets that route to different groups; "
+                          "this batch is routed by its own instructions.", stacklevel=2)
+            groups = {self.route_set(mine)}
+        return self.name(groups.pop())
 
     def _routed(self, batch: Batch, call):
         target = self.route(batch)
@@ -279,6 +326,7 @@ class LCIA(Strategy):
         for g in range(len(self.groups.groups)):
             self._new_adapter(g)
         load_adapter_state(self.model, state["adapters"])
+        self._routes.clear()
         self.group_of_task, self.dema_on = list(state["group_of_task"]), list(state["dema_on"])
         self.dema_stats, self.active, self.latest = list(state["dema_stats"]), state["active"], state["latest"]
         if self.active is not None:
