@@ -9,33 +9,55 @@ masked) plus `reg`·L_reg, L_reg = CE(M Mᵀ / `reg_temperature`, identity) with
 stored class means of all earlier classes stacked on the batch's features
 (un-normalised). After every optimizer step with t ≥ 1 the adapter is merged
 toward the mean of the earlier tasks' adapters: A ← (1-α)A + α·mean_{k<t} A_k
-(prefix sums). When task t ends:
+(prefix sums of the snapshots as taken). When task t ends:
 
-- the adapter is snapshotted as A_t (stored adapters are immutable);
-- the new classes' prototypes are computed with the *first* task's adapter A₀
-  (train images, eval transform) for the cosine classifier z₀ = cos(f_{A₀}(x), p_c);
+- the adapter is snapshotted as A_t;
 - each new class gets a Gaussian (mean, full covariance + 1e-4·I, or diagonal with
-  `covariance=diagonal`) of its f_{A_t} features;
+  `covariance=diagonal`, the official `variance`) of its features under the live adapter;
 - for t ≥ 1 the head is re-aligned on samples from the Gaussians: `ca_epochs`
   epochs of 5·batch samples per class, SGD `ca_lr` with momentum 0.9, weight
-  decay 5e-4, cosine schedule.
+  decay `ca_weight_decay` (the run's optimizer weight decay, as the official
+  code), cosine schedule;
+- the new classes' prototypes are computed with the *first* task's adapter A₀
+  (train images, eval transform) for the cosine classifier z₀ = cos(f_{A₀}(x), p_c).
 
 Inference, self-refined retrieval: the initial task of a sample is the task of
 argmax z₀; then at most `max_rounds` (4) head evaluations z = head(f_{A_t̂}(x)),
 each moving t̂ to the task of argmax z and stopping when it stays; the output is
-softmax(z) + softmax((t+1)·z₀) (`ensemble=true`). `retrieval=lazy` computes only
-the adapters the refinement visits, batching samples by their current guess;
-`retrieval=eager` computes all t+1 adapters per sample as the official code does.
-Both give identical predictions with `merge=paper`.
+softmax(z) + softmax((t+1)·z₀) (`ensemble=true`). While a task trains (continual
+evaluation, which the official code does not have), its classes have no prototype
+yet, so predictions use the head on the live adapter's features.
 
-`merge=paper` (default): merge once after each optimizer step, stored adapters
-never change. `merge=official`: the official code's in-place merge, which runs
-inside the per-block loop of every forward (train and eval) and so also rewrites
-the stored adapters at evaluation; it needs `retrieval=eager` (the result
-depends on the order of evaluation). See `merge_official` for the exact sequence.
+`merge=official` is the official code's merge: besides the post-step merge, every
+forward (train and eval) merges the whole adapter set in use before each block
+(block l computes with l+1 merges, 12 per forward), by rebinding `.data` as the
+official code does, so a training step's gradients use the values each block used.
+The merged values stay: training forwards leave the live adapter merged, the class
+statistics keep merging it (class by class in batches of 3·batch size, as the
+official loop), and evaluations rewrite the stored A_k (k ≥ 1).
 
-While a task trains (continual evaluation), its classes have no prototype yet, so
-predictions use the head on the current adapter's features.
+Deliberate differences from the official code:
+
+- `merge=paper` is the default: the merge runs once after each optimizer step only,
+  stored adapters never change, and the A₀ prototypes of tasks ≥ 1 are computed
+  with dropout off (the official code computes them right after the alignment,
+  which leaves the model in train mode). `merge=official` is the official behaviour.
+- `retrieval=lazy` is the default: only the adapters the refinement visits are
+  computed, batched by the current guess; predictions equal the official
+  all-adapters pass (`retrieval=eager`) under `merge=paper`. `merge=official`
+  needs `retrieval=eager`, since there the result depends on the order of evaluation.
+- With `merge=official`, every evaluation forward at a task's end rewrites the
+  stored adapters, so their values follow our evaluator's forwards (its batch size,
+  the continual-evaluation subsets at the task's last trace point, and every
+  experience, seen or not, of the accuracy matrix), not the official test loop's
+  (batches of the training batch size over the seen classes). Continual evaluation
+  during a task merges a copy of the live adapter, so it does not change training.
+- The head's learning rate is its own setting (`head_lr`); the official code fixes
+  it at 0.1 × the adapters' lr (the presets set it so).
+- The alignment draws its Gaussian samples and shuffles from a generator seeded by
+  the run seed and the task (same distribution; reproducible on resume); the
+  official code uses the global random state.
+- The official `multi-centroid` class statistics (KMeans) are not offered.
 """
 from __future__ import annotations
 
@@ -72,7 +94,8 @@ class MOS(Strategy):
                  adapter_dropout: float = 0.1, alpha: float = 0.1, reg: float = 0.1, reg_temperature: float = 0.8,
                  head_lr: float = 0.003, merge: str = "paper", retrieval: str = "lazy", max_rounds: int = 4,
                  ensemble: bool = True, covariance: str = "full", ca_epochs: int = 30, ca_lr: float = 0.005,
-                 ca_per_class: int | None = None, batch_size: int = 48, eval_batch_size: int = 256, seed: int = 0):
+                 ca_weight_decay: float = 5e-4, ca_per_class: int | None = None, batch_size: int = 48,
+                 eval_batch_size: int = 256, seed: int = 0):
         super().__init__(model, optimizer, scheduler)
         for key, value, allowed in (("merge", merge, ("paper", "official")), ("retrieval", retrieval, ("lazy", "eager")),
                                     ("covariance", covariance, ("full", "diagonal"))):
@@ -81,12 +104,17 @@ class MOS(Strategy):
         if merge == "official" and retrieval == "lazy":
             raise UserError("strategy.merge=official rewrites adapters during evaluation, so its result depends on "
                             "evaluating every adapter in order; set strategy.retrieval=eager.")
+        if merge == "official" and distributed.world() > 1:
+            raise UserError("strategy.merge=official rewrites the stored adapters in every evaluation forward, and "
+                            "under torchrun each process evaluates other batches, so the processes' adapters would "
+                            "drift apart; run it in one process, or use strategy.merge=paper.")
         self.ffn_num, self.adapter_scale, self.adapter_dropout = ffn_num, adapter_scale, adapter_dropout
         self.alpha, self.reg, self.reg_temperature, self.head_lr = alpha, reg, reg_temperature, head_lr
         self.merge, self.retrieval, self.max_rounds, self.ensemble = merge, retrieval, max_rounds, ensemble
         self.covariance, self.ca_epochs, self.ca_lr = covariance, ca_epochs, ca_lr
+        self.ca_weight_decay = ca_weight_decay  # the run's optimizer weight decay (the config interpolates it)
         self.ca_per_class = ca_per_class or 5 * batch_size
-        self.eval_batch_size, self.seed = eval_batch_size, seed
+        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         self.adapters: list[dict[str, Tensor]] = []  # A_0 .. A_{t-1} (A_t once task t ends)
         self.prefix: list[dict[str, Tensor]] = []  # prefix[k] = A_0 + .. + A_k, of the snapshots as taken
         self.stats = {"n": 0, "initial": 0, "refined": 0, "rounds": 0}  # task-retrieval diagnostics
@@ -132,17 +160,19 @@ class MOS(Strategy):
 
     @torch.no_grad()
     def _merge_into(self, target: dict[str, Tensor], k: int) -> None:
-        """target ← (1-α)·target + α·(A_0 + .. + A_{k-1})/k, in place, every block's adapter.
-        The mean comes from the prefix sums of the snapshots as they were taken (as the
-        official code), so it is the same whether or not stored adapters were rewritten."""
+        """target ← (1-α)·target + α·(A_0 + .. + A_{k-1})/k, every block's adapter. As the
+        official code, each tensor's `.data` is rebound to new values, never written in place:
+        inside a forward the earlier blocks' saved views keep the values those blocks used,
+        so backward sees them. The mean comes from the prefix sums of the snapshots as they
+        were taken (as the official code), whether or not stored adapters were rewritten."""
         for n in ADAPTER_KEYS:
-            target[n].data.mul_(1 - self.alpha).add_(self.prefix[k - 1][n], alpha=self.alpha / k)
+            target[n].data = (1 - self.alpha) * target[n].data + self.alpha * self.prefix[k - 1][n] / k
 
     def features(self, x: Tensor, k: int, adapter: dict[str, Tensor] | None = None) -> Tensor:
-        """f_{A_k}(x). With `merge=official` and k ≥ 1, the adapter in use is merged in
-        place before each block's adapter runs (the official per-block call: 12 merges
-        per forward, block l seeing l+1 of them; at evaluation this rewrites the stored
-        A_k for good)."""
+        """f_{A_k}(x). With `merge=official` and k ≥ 1, the whole adapter set in use is merged
+        before each block's adapter runs (the official per-block call: 12 merges per forward,
+        block l computing with l+1 of them); the merged values stay, so a training forward
+        leaves the live adapter merged 12 times and an evaluation rewrites the stored A_k."""
         adapter = self.adapter(k) if adapter is None else adapter
         hook = (lambda i: self._merge_into(adapter, k)) if self.merge == "official" and k >= 1 else None
         return self.net.features(x, adapter, hook)
@@ -185,9 +215,15 @@ class MOS(Strategy):
         self.prefix.append(snap if not self.prefix else {n: self.prefix[-1][n] + snap[n] for n in ADAPTER_KEYS})
         classes = sorted(exp.classes)
         t = exp.index
-        # class statistics from the live adapter (= A_t; with merge=official it keeps merging, as the official code)
-        feats, labels = class_features(self, exp.train, lambda x: self.features(x, t, self.current()),
-                                       self.eval_batch_size)
+        # class statistics from the live adapter (= A_t). With merge=official every forward keeps merging it, so
+        # the forwards follow the official loop: class by class, in batches of 3 × batch size
+        live = lambda x: self.features(x, t, self.current())  # noqa: E731
+        if self.merge == "official":
+            parts = [class_features(self, exp.train.subset((exp.train.y == c).nonzero().squeeze(1)), live,
+                                    3 * self.batch_size) for c in classes]
+            feats, labels = (torch.cat(p) for p in zip(*parts))
+        else:
+            feats, labels = class_features(self, exp.train, live, self.eval_batch_size)
         self._store_statistics(classes, feats, labels)
         if t >= 1 and self.ca_epochs > 0:
             self.align_classifier()
@@ -220,7 +256,7 @@ class MOS(Strategy):
         head = self.model.head
         n = head.out_features
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + 17 * self.experience_index)
-        opt = torch.optim.SGD(head.parameters(), lr=self.ca_lr, momentum=0.9, weight_decay=5e-4)
+        opt = torch.optim.SGD(head.parameters(), lr=self.ca_lr, momentum=0.9, weight_decay=self.ca_weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.ca_epochs)
         with torch.enable_grad():
             for _ in range(self.ca_epochs):
@@ -240,7 +276,10 @@ class MOS(Strategy):
         x = batch.x
         seen = min(self.model.head.out_features, len(self.prototypes))  # classes with a prototype
         if len(self.adapters) <= self.experience_index or len(self.adapters) == 0:
-            return self.model.head(self.features(x, self.experience_index))  # mid-task: no prototypes yet
+            # mid-task, no prototypes yet: the head on the live adapter's features. merge=official merges a copy
+            # (the official code never evaluates mid-task, so measuring must not change the adapter it trains)
+            live = {n: v.detach().clone() for n, v in self.current().items()}
+            return self.model.head(self.features(x, self.experience_index, live))
         t = len(self.adapters) - 1
         if self.retrieval == "eager":
             feats = [self.features(x, k) for k in range(t + 1)]  # all adapters, in order (official)

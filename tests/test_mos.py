@@ -1,12 +1,15 @@
 """MOS and SimpleCIL: adapters at init, merging in closed form, immutable stored
-adapters, bounded retrieval, lazy == eager, the official in-place sequence by
-hand, the alignment sampler, and resuming mid-stream."""
+adapters, bounded retrieval, lazy == eager, the official per-block merge (values at
+evaluation by hand; a training step's gradients against the official sequence written
+out; class statistics; mid-task evaluation), the alignment sampler and its weight
+decay, and resuming mid-stream."""
 from __future__ import annotations
 
 import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cl.models import Classifier, TimmBackbone
 from cl.models.vit_adapter import ADAPTER_KEYS, AdapterViT
@@ -148,8 +151,9 @@ def test_lazy_and_eager_retrieval_give_identical_predictions_with_five_tasks():
 
 
 def test_official_merge_reproduces_the_in_place_sequence_by_hand():
-    """Depth-2 ViT, stored A_0 and A_1: evaluating with A_1 merges the whole set in place
-    before each block's adapter (block 0 sees one merge, block 1 two), and A_1 stays rewritten."""
+    """Depth-2 ViT, stored A_0 and A_1: evaluating with A_1 merges the whole set before each
+    block's adapter (block 0 sees one merge, block 1 two), and A_1 stays rewritten (the official
+    `.data` rebinding keeps the merged values)."""
     s = stream(tasks=3)
     mos = tiny_mos(s, merge="official", retrieval="eager")
     train_tasks(mos, s, 2, perturb=0.5)
@@ -177,6 +181,17 @@ def test_official_merge_needs_eager_retrieval():
 
     with pytest.raises(UserError, match="retrieval=eager"):
         MOS(torch.nn.Linear(1, 1), optimizer=None, merge="official", retrieval="lazy")
+
+
+def test_official_merge_is_refused_under_torchrun(monkeypatch):
+    """Each process evaluates other batches, and official-mode evaluation rewrites stored adapters."""
+    from cl.errors import UserError
+    from strategies import mos
+
+    monkeypatch.setattr(mos.distributed, "world", lambda: 2)
+    with pytest.raises(UserError, match="one process"):
+        MOS(torch.nn.Linear(1, 1), optimizer=None, merge="official", retrieval="eager")
+    MOS(torch.nn.Linear(1, 1), optimizer=None, merge="paper")  # the default mode runs data-parallel
 
 
 def test_alignment_sampler_draws_the_right_number_per_class():
@@ -210,3 +225,185 @@ def test_state_dict_round_trips_mid_stream():
     # mid-task predictions use the live adapter and head; after the task ends, the retrieval
     mos.experience = fresh.experience = s[1]
     torch.testing.assert_close(fresh.predict(batch), mos.predict(batch))
+
+
+# ---- the official per-block merge, re-implemented from backbone/vit_mos.py -------------------------------------
+def _official_layers(live: dict, depth: int) -> list[tuple[torch.nn.Linear, torch.nn.Linear]]:
+    """One (down_proj, up_proj) pair of nn.Linear per block, as the official `cur_adapter`."""
+    layers = []
+    for i in range(depth):
+        r, d = live["down_w"].shape[1:]
+        down, up = torch.nn.Linear(d, r, dtype=torch.float64), torch.nn.Linear(r, d, dtype=torch.float64)
+        with torch.no_grad():
+            down.weight.copy_(live["down_w"][i]), down.bias.copy_(live["down_b"][i])
+            up.weight.copy_(live["up_w"][i]), up.bias.copy_(live["up_b"][i])
+        layers.append((down, up))
+    return layers
+
+
+def _official_reweight(layers, prefix: dict, idx: int, momentum: float) -> None:
+    """`reweight_adapter(adapter, idx)`: every block's adapter gets new `.data` (never an in-place write)."""
+    for i, (down, up) in enumerate(layers):
+        down.weight.data = (1 - momentum) * down.weight.data + momentum * prefix["down_w"][i] / idx
+        down.bias.data = (1 - momentum) * down.bias.data + momentum * prefix["down_b"][i] / idx
+        up.weight.data = (1 - momentum) * up.weight.data + momentum * prefix["up_w"][i] / idx
+        up.bias.data = (1 - momentum) * up.bias.data + momentum * prefix["up_b"][i] / idx
+
+
+def _official_features(vit, layers, prefix, idx, momentum, scale, dropout, x):
+    """`forward_features(x, adapter_id=idx, train=True)`: before every block, reweight the whole
+    current adapter, then run the block (adapter parallel to the MLP, on the post-attention state)."""
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(x))))
+    for i, blk in enumerate(vit.blocks):
+        _official_reweight(layers, prefix, idx, momentum)
+        down, up = layers[i]
+        x = x + blk.attn(blk.norm1(x))
+        adapt_x = up(F.dropout(F.relu(down(x)), p=dropout, training=True)) * scale
+        residual = x
+        x = blk.mlp(blk.norm2(x))
+        x = x + adapt_x
+        x = residual + x
+    return vit.norm(x)[:, 0]
+
+
+def _to_double(mos):
+    mos.model.double()
+    mos.adapters = [{n: v.double() for n, v in a.items()} for a in mos.adapters]
+    mos.prefix = [{n: v.double() for n, v in a.items()} for a in mos.prefix]
+    mos.means, mos.covs, mos.prototypes = mos.means.double(), mos.covs.double(), mos.prototypes.double()
+
+
+def test_official_merge_training_step_matches_the_official_per_block_rebinding():
+    """One training step of task 2 with merge=official against the official sequence written out
+    (float64, same dropout draws): features, loss, every adapter and head gradient, the adapter
+    values after the forward (12 merges here: 2 blocks) and after SGD + the post-step merge."""
+    s = stream(tasks=3)
+    mos = tiny_mos(s, merge="official", retrieval="eager")
+    train_tasks(mos, s, 2, perturb=0.5)  # stored A_0, A_1 that differ clearly
+    _to_double(mos)
+    exp = s[2]
+    mos.before_experience(exp)
+    opt, _ = mos.configure_optimizer(exp)
+    mos.model.train()
+    k, alpha, depth = exp.index, mos.alpha, mos.net.depth
+    prefix = mos.prefix[k - 1]
+    layers = _official_layers({n: v.detach() for n, v in mos.current().items()}, depth)
+    head = copy.deepcopy(mos.model.head)
+    batch = next(iter(exp.train.batches(8, shuffle=True, seed=0)))
+    batch.x = batch.raw.double() / 255
+
+    seen = []
+    hook = mos.model.head.register_forward_hook(lambda m, inp, out: seen.append(inp[0].detach()))
+    torch.manual_seed(7)
+    loss = mos.training_step(batch)
+    hook.remove()
+    loss.backward()
+
+    torch.manual_seed(7)
+    f = _official_features(mos.net.vit, layers, prefix, k, alpha, mos.adapter_scale, mos.adapter_dropout, batch.x)
+    known, total = min(exp.classes), max(exp.classes) + 1
+    logits = head(f)[:, :total]
+    logits[:, :known] = float("-inf")
+    m = torch.cat([mos.means[:known], f])
+    ref_loss = F.cross_entropy(logits, batch.y) + mos.reg * F.cross_entropy(m @ m.t() / 0.8, torch.arange(len(m)))
+    ref_loss.backward()
+
+    def rel(a, b):
+        return float((a - b).norm() / b.norm())
+
+    assert rel(seen[0], f.detach()) < 1e-6
+    assert rel(loss.detach(), ref_loss.detach()) < 1e-6
+    live = mos.current()
+    for i, (down, up) in enumerate(layers):
+        for ours, ref in ((live["down_w"], down.weight), (live["down_b"], down.bias),
+                          (live["up_w"], up.weight), (live["up_b"], up.bias)):
+            assert ref.grad.norm() > 0
+            err = rel(ours.grad[i], ref.grad)
+            assert err < 1e-6, f"block {i}: the gradient differs from the official one by {err:.2%}"
+            err = rel(ours.detach()[i], ref.detach())  # both merged `depth` times by the forward
+            assert err < 1e-6, f"block {i}: the adapter after the forward differs by {err:.2%}"
+    for ours, ref in ((mos.model.head.fc.weight, head.fc.weight), (mos.model.head.fc.bias, head.fc.bias)):
+        assert rel(ours.grad, ref.grad) < 1e-6
+
+    # the step applies to the merged values, then the post-step merge (`adapter_merge`)
+    opt.step()
+    mos.after_optimizer_step()
+    lr = opt.param_groups[0]["lr"]
+    ref_opt = torch.optim.SGD([p for pair in layers for lin in pair for p in lin.parameters()], lr=lr)
+    ref_opt.step()
+    _official_reweight(layers, prefix, k, alpha)
+    for i, (down, up) in enumerate(layers):
+        for ours, ref in ((live["down_w"], down.weight), (live["up_w"], up.weight), (live["up_b"], up.bias)):
+            assert rel(ours.detach()[i], ref.detach()) < 1e-6
+
+
+@pytest.mark.parametrize("preset, wd", [("mos_imagenet_r", 5e-3), ("mos_cifar100", 5e-4)])
+def test_classifier_alignment_uses_the_runs_weight_decay(preset, wd, monkeypatch):
+    """The official alignment passes the run's weight decay in its param group (which overrides
+    the SGD constructor's 5e-4): the preset's optimizer.weight_decay reaches the alignment's SGD."""
+    from tests.conftest import compose
+
+    cfg = compose([f"experiment={preset}", "debug=smoke"])
+    assert cfg.optimizer.weight_decay == wd  # the official json's weight_decay
+    s = stream(tasks=2)
+    mos = tiny_mos(s, ca_weight_decay=cfg.strategy.ca_weight_decay)
+    train_tasks(mos, s, 1)
+    mos.before_experience(s[1])
+    made, sgd = [], torch.optim.SGD
+
+    def recording_sgd(*args, **kwargs):
+        made.append(sgd(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(torch.optim, "SGD", recording_sgd)
+    mos.align_classifier()
+    assert [g["weight_decay"] for g in made[0].param_groups] == [wd]
+
+
+def test_official_merge_class_statistics_follow_the_official_loop():
+    """`_compute_mean` runs class by class in batches of 3 × batch size, each forward merging the live
+    adapter before every block: so the live adapter leaves task 1 merged depth × (forwards) times."""
+    s = stream(tasks=2)
+    mos = tiny_mos(s, merge="official", retrieval="eager")
+    mos.batch_size = 3  # batches of 9: each class's 12 training images take two forwards (9, 3)
+    train_tasks(mos, s, 1, perturb=0.5)
+    exp = s[1]
+    mos.before_experience(exp)
+    start = {n: v.detach().clone() for n, v in mos.current().items()}
+    sizes = []
+    original = mos.net.features
+
+    def spy(inp, adapter=None, hook=None):
+        if adapter is not None and adapter["down_w"] is mos.net.adapter.down_w:  # the live adapter
+            sizes.append(len(inp))
+        return original(inp, adapter, hook)
+
+    mos.net.features = spy
+    mos.after_experience(exp)
+    mos.net.features = original
+    assert sizes == [9, 3] * len(exp.classes)
+    m = mos.net.depth * len(sizes)
+    keep = (1 - mos.alpha) ** m
+    for n in ADAPTER_KEYS:  # the mean of A_0 alone is A_0
+        torch.testing.assert_close(mos.current()[n].detach(), keep * start[n] + (1 - keep) * mos.adapters[0][n])
+
+
+def test_official_merge_mid_task_evaluation_leaves_the_live_adapter_alone():
+    """The official code evaluates only at task ends: a continual evaluation during task 1 runs the
+    official per-block merge on a copy, so it neither changes training nor depends on earlier evaluations."""
+    s = stream(tasks=2)
+    mos = tiny_mos(s, merge="official", retrieval="eager")
+    train_tasks(mos, s, 1, perturb=0.5)
+    mos.before_experience(s[1])
+    live = {n: v.detach().clone() for n, v in mos.current().items()}
+    a0, alpha = mos.adapters[0], mos.alpha
+    once = {n: (1 - alpha) * live[n] + alpha * a0[n] for n in ADAPTER_KEYS}
+    twice = {n: (1 - alpha) * once[n] + alpha * a0[n] for n in ADAPTER_KEYS}
+    by_hand = {n: torch.stack([once[n][0], twice[n][1]]) for n in ADAPTER_KEYS}  # block 0 once, block 1 twice
+    mos.model.eval()
+    batch = Batch(x=torch.rand(4, 3, 32, 32), y=torch.full((4,), 2), t=torch.full((4,), -1))
+    first = mos.predict(batch)
+    for n in ADAPTER_KEYS:
+        assert torch.equal(mos.current()[n].detach(), live[n]), f"evaluation changed the live {n}"
+    torch.testing.assert_close(first, mos.model.head(mos.net.features(batch.x, by_hand)))
+    torch.testing.assert_close(mos.predict(batch), first)

@@ -14,7 +14,10 @@ down_b (L, r), up_w (L, D, r), up_b (L, D). `AdapterViT.features(x, adapter)`
 runs the ViT with any set (the trainable current one, or a stored snapshot), so
 methods that keep one adapter per task (MOS) evaluate any of them without
 copying weights into the network. `block_hook(i)` is called before block i's
-adapter is applied (MOS's `merge=official` rewrites adapters there).
+adapter is applied, and the set's tensors are indexed after it (MOS's
+`merge=official` rewrites the set there; a hook that changes values during a
+training forward must rebind `.data` rather than write in place, so that
+backward sees the values each block used).
 """
 from __future__ import annotations
 
