@@ -9,8 +9,10 @@
    Otherwise it uses the biased batch statistics;
 2. normalises with them: γ(x-μ)/√(σ²+ε) + β;
 3. updates the running statistics with the modified momentum η_t: κ=1 gives the
-   BN momentum m, κ=0 the cumulative average 1/t, otherwise η₁ = m^κ and
-   η_t = η_{t-1} / (η_{t-1} + (1-m)^κ), an EMA with per-step decay (1-m)^κ;
+   BN momentum m; κ=0 the cumulative average 1/n, where n is the layer's
+   num_batches_tracked, carried over from the replaced BN (so a BN trained before
+   the swap continues its average rather than restarting it); otherwise η₁ = m^κ
+   and η_t = η_{t-1} / (η_{t-1} + (1-m)^κ), an EMA with per-step decay (1-m)^κ;
    the running variance is the *biased* σ²;
 4. leaves R = MSE(μ, μ_run) + MSE(σ², σ²_run) (running stats after the update)
    for the strategy, which adds λ·Σ_layers R to the loss from task t₀ on.
@@ -30,9 +32,15 @@ of statistics and one η step per training step; plain ER concatenates anyway);
 the regulariser is added only in steps that replay; the task weights
 are *not* renormalised when a task has no sample in the batch (Σ w_i < 1 then);
 `a` has one entry per task of the stream and shares the network's lr and weight
-decay. One deliberate difference: η, t and k are buffers, so they are in the
-`state_dict` and a resumed run continues exactly (the official `last_eta` is a
-plain attribute and is lost).
+decay. The presets also set what the official base methods (Mammoth's) assume: a
+head over all classes from the first task (`model.fixed_head=true`) and, on
+ER-ACE, er_ace_ada's mask (`strategy.base.mask=mammoth`, see strategies/replay.py).
+
+Differences from the official code (lvyilin/AdaB2N):
+- η, t and k are buffers, so they are in the `state_dict` and a resumed run
+  continues exactly (the official `last_eta` is a plain attribute and is lost);
+- outside the presets, the base strategy and model keep their own defaults (ER-ACE's
+  `mask=present`, a head that grows with the classes seen).
 """
 from __future__ import annotations
 
@@ -56,7 +64,7 @@ class AdaB2NNorm(nn.BatchNorm2d):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # t: train-mode forwards
         self.register_buffer("finished", torch.zeros((), dtype=torch.long))  # k: finished tasks
         self.task_ids: Tensor | None = None  # per-sample task of the next train forward (None: no weighting)
-        self._t, self._k, self._eta = 0, 0, 0.0  # host mirrors of the buffers (no device sync per forward)
+        self._t, self._k, self._eta, self._n = 0, 0, 0.0, 0  # host mirrors of the buffers (no device sync per forward)
         self.reg_sum: Tensor | None = None  # Σ R over the train forwards since the strategy reset it
 
     @classmethod
@@ -68,19 +76,22 @@ class AdaB2NNorm(nn.BatchNorm2d):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._t, self._k, self._eta = int(self.steps), int(self.finished), float(self.eta)
+        self._n = int(self.num_batches_tracked)
 
     def finish_task(self) -> None:
         self._k += 1
         self.finished.fill_(self._k)
 
     def next_eta(self) -> float:
-        """Advance t and return η_t."""
+        """Advance t and the BN's num_batches_tracked n, and return η_t (κ = 0: 1/n)."""
         self._t += 1
+        self._n += 1
+        self.num_batches_tracked.fill_(self._n)
         m, t = self.momentum, self._t
         if self.kappa == 1.0:
             eta = m
         elif self.kappa == 0.0:
-            eta = 1.0 / t
+            eta = 1.0 / self._n  # continues the count of a BN trained before the swap
         elif t == 1:
             eta = m ** self.kappa
         else:
@@ -116,7 +127,6 @@ class AdaB2NNorm(nn.BatchNorm2d):
         with torch.no_grad():
             self.running_mean.mul_(1 - eta).add_(mean.detach(), alpha=eta)
             self.running_var.mul_(1 - eta).add_(var.detach(), alpha=eta)
-            self.num_batches_tracked += 1
         # against the running stats after this update (copies: later forwards update the buffers in place)
         reg = F.mse_loss(mean, self.running_mean.clone()) + F.mse_loss(var, self.running_var.clone())
         self.reg_sum = reg if self.reg_sum is None else self.reg_sum + reg

@@ -11,16 +11,22 @@ running statistics; BN trains in train mode), and its head (the rows of the
 task's classes). A task starts from the pristine set (a fresh model from the same
 immutable weights), trains with cross-entropy over its own classes plus
 λ·Σ_p ‖p‖₂ (the L2 norm, not squared, λ = 1e-5) over its set, and the set is
-stored when the task ends. Inference is task-incremental: the task id of each
-sample swaps in that task's set. Nothing trainable is shared, so BWT is 0.
+stored when the task ends; the model of the best validation epoch is kept
+(`select=best_validation`), or the last epoch (`select=last`). Nothing trainable is
+shared, so BWT is 0. The per-task heads are the task's rows of one linear head over
+all classes, created at `setup`: the same function and initialisation as a new
+512→C_t head per task, as no other task's loss or penalty touches them.
 
-From the official code: the model of the best validation epoch is kept
-(`select=best_validation`, the default; it needs `scenario.validation>0`, held out
-from train rather than the official test-as-validation), or the last epoch
-(`select=last`). The per-task heads are the task's rows of one linear head over
-all classes, created at `setup` (the same function as a new 512→C_t head per
-task: no other task's loss or penalty touches them). Not reproduced: early
-stopping after 21 epochs without improvement.
+`predict` gives every task's columns from that task's own model (stored set and
+head rows; the live ones for the task in training; the pristine set for a task not
+trained yet), so the task-aware accuracy (the sample's task's columns) is the
+official evaluation, and the task-agnostic one compares the tasks' models.
+
+Differences from the official code (gyhandy/Channel-wise-Lightweight-Reprogramming):
+- the validation split for `best_validation` is held out from train
+  (`scenario.validation`), where the official code selects on the split it reports;
+- no early stopping (the official code stops after 21 epochs without improvement);
+- the task-agnostic logits above are ours (the official code evaluates each task alone).
 """
 from __future__ import annotations
 
@@ -87,6 +93,7 @@ class CLR(Strategy):
                 p.requires_grad_(True)
         self.set_tensors = {f"backbone.{n}": t for n, t in self._set_items(backbone)}
         self.pristine = self._snapshot()
+        self.pristine_head = {k: t.detach().clone() for k, t in self._head().named_parameters()}  # every task's rows
 
     @staticmethod
     def _set_items(backbone: nn.Module):
@@ -120,7 +127,10 @@ class CLR(Strategy):
     # ---- hooks ------------------------------------------------------------------
     def before_experience(self, exp):
         super().before_experience(exp)
-        self._load(self.pristine)  # a fresh model from the same immutable weights
+        self._load(self.pristine)  # a fresh model from the same immutable weights, and a fresh head
+        with torch.no_grad():
+            for k, p in self._head().named_parameters():
+                p[exp.classes] = self.pristine_head[k][exp.classes]
         self.best = (-1.0, None)
 
     def parameters_to_optimize(self):
@@ -173,34 +183,37 @@ class CLR(Strategy):
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:
-        """Each sample through its task's set (the current task's live set while it trains,
-        the pristine set for a task not trained yet)."""
-        tasks = batch.t.unique().tolist()
-        if any(t < 0 for t in tasks):
-            raise UserError("strategy=clr needs task ids at evaluation; set scenario.setting=task.")
+        """Task u's columns are task u's own model on the input: its stored set and head rows
+        once it has finished, the live set and rows while it trains, the pristine set (and its
+        untouched rows) before. The task-aware accuracy reads the sample's own task's columns."""
+        head = self._head()
         current = self.experience_index
-        live = self._snapshot(current if current >= 0 else None)  # with the current task's head rows
+        live = self._snapshot()
+        models: dict = {}  # which set -> the tasks whose columns it gives
+        for u in range(len(self.stream)):
+            models.setdefault(u if u in self.sets else "live" if u == current else "pristine", []).append(u)
         out = None
-        for t in tasks:
-            if t in self.sets and t != current:
-                self._load(self.sets[t], t)
-            elif t != current:
-                self._load(self.pristine)
-            else:
-                self._load(live, current if current >= 0 else None)
-            rows = batch.t == t
-            logits = self.model(batch.x[rows])
-            out = logits.new_zeros(len(batch), logits.shape[1]) if out is None else out
-            out[rows] = logits
-        self._load(live, current if current >= 0 else None)
+        for key, tasks in models.items():
+            self._load(live if key == "live" else self.pristine if key == "pristine" else self.sets[key])
+            features = self.model.backbone(batch.x)
+            for u in tasks:
+                rows = torch.tensor(self.stream[u].classes, device=features.device)
+                heads = dict(head.named_parameters()) if key == "live" else self.pristine_head
+                own = self.sets.get(u) or {f"head.{k}": v[rows] for k, v in heads.items()}
+                logits = F.linear(features, own["head.weight"], own.get("head.bias"))
+                out = features.new_zeros(len(batch), head.out_features, dtype=logits.dtype) if out is None else out
+                out[:, rows] = logits
+        self._load(live)
         return out
 
     # ---- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "sets": self.sets, "best": self.best}
+        return {**super().state_dict(), "sets": self.sets, "best": self.best, "pristine_head": self.pristine_head}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.sets = {int(k): {n: t.to(self.device) for n, t in v.items()} for k, v in state["sets"].items()}
         acc, best = state.get("best", (-1.0, None))
         self.best = (acc, None if best is None else {n: t.to(self.device) for n, t in best.items()})
+        if "pristine_head" in state:  # the rows every task starts from, as the run drew them
+            self.pristine_head = {n: t.to(self.device) for n, t in state["pristine_head"].items()}

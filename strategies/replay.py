@@ -3,12 +3,19 @@
 - ER (Chaudhry et al. 2019): the stream batch and a replay batch, one forward,
   one cross-entropy. `new_weight=λ` instead weighs λ·CE(new) + (1-λ)·CE(replay)
   (the form De Lange et al. 2023 use).
-- ER-ACE (Caccia et al. 2022): the stream batch's cross-entropy sees only the
-  logits of the classes present in that batch (asymmetric CE); the replay batch
-  gets the full cross-entropy. As in the official code (and Mammoth's er_ace, the
-  base of AdaB²N), masking and replay start with the second experience;
-  `from_first_experience=true` applies both from the first, as the paper's
-  equations read.
+- ER-ACE (Caccia et al. 2022): the stream batch's cross-entropy sees only some
+  logits (asymmetric CE); the replay batch gets the full cross-entropy.
+  `mask=present` (default): only the classes present in the batch, as the paper's
+  equation reads, on a head that grows with the classes seen. `mask=mammoth`:
+  Mammoth's er_ace and AdaB²N's er_ace_ada, over a head fixed to all classes
+  (`model.fixed_head=true`): also every class from the largest label seen so far
+  upward, unless that label is the last class, so unseen classes stay in the
+  softmax (the AdaB²N presets use it). As in Mammoth, masking and replay start with
+  the second experience; `from_first_experience=true` applies both from the first.
+  Differences from the official code (pclucas14/AML, task-free): it masks and
+  replays from the first batch (our `from_first_experience=true`) and keeps the
+  unseen classes as `mask=mammoth` does but without the last-class exception; our
+  defaults (`mask=present`, from the second experience) differ from it.
 - DER++ (Buzzega et al. 2020): CE on the stream batch, α·MSE between the current
   and the stored logits of one replay batch, β·CE on a second replay batch. The
   stored logits are those of the augmented input when it entered the buffer; with
@@ -30,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cl import distributed
 from cl.errors import UserError
 from cl.stream import Batch
 from cl.strategy import Strategy
@@ -98,29 +106,64 @@ class ER(Strategy):
         self.buffer.load_state_dict(state["buffer"])
 
 
-def asymmetric_cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
-    """Cross-entropy over only the classes present in `y` (ER-ACE's loss on incoming data)."""
-    present = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-    present[y] = True
-    return F.cross_entropy(logits.masked_fill(~present, torch.finfo(logits.dtype).min), y)
+def asymmetric_cross_entropy(logits: Tensor, y: Tensor, keep: Tensor | None = None) -> Tensor:
+    """Cross-entropy over only the columns `keep` marks, by default the classes present in `y`
+    (ER-ACE's loss on incoming data)."""
+    if keep is None:
+        keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        keep[y] = True
+    return F.cross_entropy(logits.masked_fill(~keep, torch.finfo(logits.dtype).min), y)
 
 
 class ERACE(ER):
     def __init__(self, model, optimizer, scheduler=None, mem_size: int = 500, replay_batch_size: int | None = None,
-                 from_first_experience: bool = False, seed: int = 0):
+                 from_first_experience: bool = False, mask: str = "present", seed: int = 0):
         super().__init__(model, optimizer, scheduler, mem_size, replay_batch_size, None, seed)
-        self.from_first_experience = from_first_experience
+        if mask not in ("present", "mammoth"):
+            raise UserError(f"strategy.mask must be present or mammoth, not {mask!r}.")
+        self.from_first_experience, self.mask = from_first_experience, mask
+        self.seen_max = torch.tensor(-1)  # the largest label of any stream batch so far
+
+    def setup(self, stream):
+        super().setup(stream)
+        if self.mask == "mammoth" and hasattr(self.model, "grow") and not getattr(self.model, "fixed_head", False):
+            raise UserError("strategy.mask=mammoth keeps the unseen classes' logits in the softmax, so it needs "
+                            "a head over all classes from the start; add ++model.fixed_head=true.")
+        self.seen_max = self.seen_max.to(self.device)
+
+    def stream_columns(self, logits: Tensor, y: Tensor) -> Tensor:
+        """The columns the stream batch's cross-entropy sees: its classes (mask=present);
+        with mask=mammoth also every class from the largest seen id upward, unless that id
+        is the last class (Mammoth's er_ace, AdaB²N's er_ace_ada)."""
+        keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        keep[y] = True
+        if self.mask == "mammoth":
+            cols = torch.arange(logits.shape[1], device=logits.device)
+            keep |= (cols >= self.seen_max) & (self.seen_max < logits.shape[1] - 1)
+        return keep
 
     def training_step(self, batch: Batch) -> Tensor:
         active = self.from_first_experience or self.experience_index > 0
+        y = batch.y
+        if self.mask == "mammoth":
+            y = distributed.gather(batch.y)  # the global batch's classes, the same on every rank
+            self.seen_max = torch.maximum(self.seen_max, y.max())
         r = self.replay(batch.global_size) if active else None
         parts = [(batch.x, batch.t)] + ([(r["x"], r["t"])] if r is not None else [])
         logits, *replayed = self.forward_parts(*parts)
-        loss = asymmetric_cross_entropy(logits, batch.y) if active else F.cross_entropy(logits, batch.y)
+        loss = (asymmetric_cross_entropy(logits, batch.y, self.stream_columns(logits, y)) if active
+                else F.cross_entropy(logits, batch.y))
         if r is not None:
             loss = loss + F.cross_entropy(replayed[0], r["y"])
         self.buffer.add(batch.raw, batch.y, batch.t)
         return loss
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "seen_max": self.seen_max}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.seen_max = state.get("seen_max", torch.tensor(-1)).to(self.device)
 
 
 class DERPP(ER):

@@ -79,6 +79,40 @@ def test_kappa_zero_is_the_cumulative_average():
     torch.testing.assert_close(ada.running_mean, torch.stack(means).mean(0))
 
 
+def official_kappa_zero_steps(bn: nn.BatchNorm2d, xs: list) -> tuple:
+    """models/utils/adab2n.py of lvyilin/AdaB2N at κ = 0 without task weighting, re-derived:
+    each training forward first adds 1 to the BatchNorm's own num_batches_tracked, then
+    η = 1 / num_batches_tracked; mean += η (μ_B - mean), var = (1 - η) var + η σ²_B (biased)."""
+    mean, var, n = bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked)
+    for x in xs:
+        n += 1
+        eta = 1.0 / n
+        batch_var, batch_mean = torch.var_mean(x, [0, 2, 3], correction=0)
+        mean = mean + eta * (batch_mean - mean)
+        var = (1 - eta) * var + eta * batch_var
+    return mean, var, n
+
+
+def test_kappa_zero_counts_on_from_the_batchnorms_own_num_batches_tracked():
+    """A BN that was already trained (ImageNet weights, or earlier epochs) keeps its count:
+    the first step's η is 1/(N+1), not 1 (which would overwrite its running statistics)."""
+    bn, _ = layer_from_bn(kappa=0.0)
+    bn.num_batches_tracked.fill_(7)
+    ada = AdaB2NNorm.from_bn(bn, 3, 0.0).train()
+    xs = [torch.randn(5, 4, 3, 3) * (i + 1) + i for i in range(4)]
+    for x in xs[:2]:
+        ada(x)
+    resumed = AdaB2NNorm.from_bn(nn.BatchNorm2d(4), 3, 0.0).train()
+    resumed.load_state_dict(copy.deepcopy(ada.state_dict()))  # a checkpoint mid-way continues the count
+    for x in xs[2:]:
+        ada(x), resumed(x)
+    mean, var, n = official_kappa_zero_steps(bn, xs)
+    for layer in (ada, resumed):
+        assert int(layer.num_batches_tracked) == n == 11 and float(layer.eta) == pytest.approx(1 / 11)
+        torch.testing.assert_close(layer.running_mean, mean)
+        torch.testing.assert_close(layer.running_var, var)
+
+
 def test_weighted_statistics_match_a_hand_computation():
     _, ada = layer_from_bn(kappa=0.5, num_tasks=4, channels=2)
     with torch.no_grad():
@@ -154,7 +188,7 @@ SMALL = ["experiment=adab2n_online_splitfmnist", "debug=smoke", "model.backbone.
 
 def test_composes_with_each_replay_method_by_configuration(tmp_path, data_root):
     root = f"scenario.dataset.root={data_root / 'fashion-mnist'}"
-    for base, name in (("er_ace", "AdaB2N+ERACE"), ("derpp", "AdaB2N+DERPP"), ("er", "AdaB2N+ER")):
+    for base, name in (("er_ace_ada", "AdaB2N+ERACE"), ("derpp", "AdaB2N+DERPP"), ("er", "AdaB2N+ER")):
         results = run_inprocess(SMALL + [root, f"strategy@strategy.base={base}", "strategy.base.mem_size=30"],
                                 tmp_path / base)
         assert results["protocol"]["strategy"] == name
@@ -162,7 +196,7 @@ def test_composes_with_each_replay_method_by_configuration(tmp_path, data_root):
     assert cfg.strategy.base._target_ == "strategies.replay.ERACE"
     bn = run_inprocess(SMALL + [root, "strategy.norm=bn"], tmp_path / "bn")
     assert bn["protocol"]["strategy"] == "ERACE"
-    assert bn["accuracy_matrix"] != read_results(tmp_path / "er_ace")["accuracy_matrix"]
+    assert bn["accuracy_matrix"] != read_results(tmp_path / "er_ace_ada")["accuracy_matrix"]
 
 
 def test_with_replay_stream_and_buffer_share_one_forward_and_the_regulariser_waits_for_replay(tmp_path, data_root):
@@ -202,3 +236,12 @@ def test_with_replay_stream_and_buffer_share_one_forward_and_the_regulariser_wai
             opt.zero_grad()
         strategy.after_experience(exp)
     assert int(first.finished) == 2 and first._k == 2
+
+
+@pytest.mark.parametrize("preset", ["adab2n_online_cifar100", "adab2n_online_splitfmnist", "adab2n_derpp_cifar100"])
+def test_presets_have_the_official_fixed_head_and_er_ace_ada_mask(preset):
+    """Mammoth's head has every class from the first task on; er_ace_ada's stream CE keeps the unseen classes."""
+    cfg = compose([f"experiment={preset}"])
+    assert cfg.model.fixed_head is True
+    if cfg.strategy.base._target_ == "strategies.replay.ERACE":
+        assert cfg.strategy.base.mask == "mammoth"

@@ -118,3 +118,89 @@ def test_missing_offline_weights_name_the_file_option(tmp_path, monkeypatch):
     loaded = TorchvisionResNet("resnet18", checkpoint_path=str(tmp_path / "r18.pth")).eval()
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(loaded(x), ref.eval()(x))
+
+
+def tiny_task_stream(T: int = 3, n: int = 8):
+    from cl.stream import Experience, Stream, TensorData
+
+    g = torch.Generator().manual_seed(0)
+    exps = []
+    for i in range(T):
+        d = TensorData(torch.rand(n, 3, 8, 8, generator=g), torch.tensor([2 * i, 2 * i + 1] * (n // 2))).with_task(i)
+        exps.append(Experience(i, [2 * i, 2 * i + 1], d, d, i))
+    return Stream(exps, "task", "tiny", 2 * T, (3, 8, 8), base=2, increment=2)
+
+
+def test_task_agnostic_logits_take_each_tasks_columns_from_that_tasks_own_model():
+    """The official code has one model (reprogramming set + head) per task, so task u's
+    columns of the task-agnostic logits are task u's stored model on the input: the
+    stored head of task u on the features of task u's set, whatever is live."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from cl.models import Classifier
+    from tests.helpers import train_experience
+
+    torch.manual_seed(0)
+    stream = tiny_task_stream()
+    model = Classifier(lambda input_shape: ReducedResNet18(input_shape=input_shape, nf=4), (3, 8, 8))
+    clr = CLR(model, lambda p: torch.optim.Adam(p, lr=0.05), select="last")
+    clr.setup(stream)
+    for exp in stream[:2]:
+        train_experience(clr, exp, steps=3)
+    clr.before_experience(stream[2])  # task 2 trains: the live set is neither stored nor pristine
+    clr.configure_optimizer(stream[2])
+    batch = next(stream[2].train.batches(8))
+    clr.training_step(batch).backward()
+    clr.optimizer.step()
+    with torch.no_grad():
+        head = model.head.fc
+        head.weight[[0, 1]] += 1.0  # later tasks' optimizers may move old rows (e.g. weight decay)
+    x = torch.cat([stream[j].eval.x[:2] for j in range(3)])
+    t = torch.tensor([0, 0, 1, 1, 2, 2])
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    logits = clr.predict(Batch(x=x, y=torch.zeros(6, dtype=torch.long), t=t))
+
+    expected = torch.empty(6, 6)
+    for u in range(3):
+        own = copy.deepcopy(model)
+        cols = stream[u].classes
+        if u in clr.sets:  # a finished task: its stored set and head
+            stored = {k: v for k, v in clr.sets[u].items() if k.startswith("backbone.")}
+            own.load_state_dict({**own.state_dict(), **stored})
+            w, b = clr.sets[u]["head.weight"], clr.sets[u]["head.bias"]
+        else:  # the task training now: the live model
+            w, b = head.weight[cols], head.bias[cols]
+        with torch.no_grad():
+            expected[:, cols] = F.linear(own.eval().backbone(x), w, b)
+    torch.testing.assert_close(logits, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)  # predict left the live model as it was
+
+
+def test_clr_cifar100_preset_resizes_to_224_and_normalises_only():
+    """The official pipeline, for training and evaluation alike: Resize((224, 224)), ToTensor,
+    Normalize(ImageNet mean/std); no random crop, no flip, no centre crop."""
+    from hydra.utils import instantiate
+
+    from cl.transforms import Compose, Normalize, Resize
+    from tests.conftest import compose
+
+    cfg = compose(["experiment=clr_cifar100"])
+    raw = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    import torch.nn.functional as F
+
+    want = (F.interpolate(raw.float() / 255, size=(224, 224), mode="bilinear", align_corners=False) - mean) / std
+    for node in (cfg.scenario.train_transform, cfg.scenario.eval_transform):
+        transform = instantiate(node, _convert_="all")
+        assert isinstance(transform, Compose)
+        assert [type(s) for s in transform.transforms] == [Resize, Normalize]
+        assert tuple(transform.transforms[0].size) == (224, 224)
+        out = [transform(raw, torch.Generator().manual_seed(s)) for s in (0, 1)]
+        torch.testing.assert_close(out[0], out[1], rtol=0, atol=0)  # nothing random
+        torch.testing.assert_close(out[0], want, rtol=1e-4, atol=1e-4)

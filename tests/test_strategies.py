@@ -90,6 +90,65 @@ def test_er_ace_masks_absent_classes_from_the_second_experience_on():
     assert torch.all(paper.model.table.grad[:4, 2:] == 0)
 
 
+def official_er_ace_ada_loss(logits, y, buf_logits, buf_y, seen, num_classes):
+    """ErACEAda.observe (lvyilin/AdaB2N, models/er_ace_ada.py; Mammoth's er_ace masks alike)
+    from the second task on, re-derived: `seen` gains the batch's classes; the stream
+    batch's CE sees the present classes and, while the largest seen id is below the last
+    class, every column from that id upward; the replay batch gets the full CE."""
+    present = y.unique()
+    seen = torch.cat([seen, present]).unique()
+    mask = torch.zeros_like(logits)
+    mask[:, present] = 1
+    if seen.max() < num_classes - 1:
+        mask[:, seen.max():] = 1
+    masked = logits.masked_fill(mask == 0, torch.finfo(logits.dtype).min)
+    return F.cross_entropy(masked, y) + F.cross_entropy(buf_logits, buf_y), seen
+
+
+def test_er_ace_mammoth_mask_keeps_the_unseen_classes_as_the_official_er_ace_ada():
+    s = tiny_stream()  # 3 tasks x 2 classes; the 'model' is a fixed table over all 6 classes
+    table = torch.randn(12, 6)
+    ace = ERACE(Fixed(table), sgd, mem_size=8, replay_batch_size=4, seed=0, mask="mammoth")
+    ace.setup(s)
+    drawn = []
+    sample = ace.buffer.sample
+    ace.buffer.sample = lambda n: drawn.append(sample(n)) or drawn[-1]
+
+    def part(exp, rows):
+        d = s[exp].train
+        return Batch(x=d.x[rows], y=d.y[rows], t=d.t[rows], raw=d.x[rows])
+
+    ace.before_experience(s[0])
+    b = batch_of(s[0].train)
+    loss = ace.training_step(b)  # first task: plain CE over the whole head, future classes included
+    assert loss.item() == pytest.approx(F.cross_entropy(table[b.x.flatten().long()], b.y).item(), rel=1e-6)
+    seen = b.y.unique()
+    # task 1 with only class 2 present: classes 2..5 stay (3 absent but >= the largest seen id);
+    # task 2: class 4 (largest seen 4: 4, 5 stay), then 5 (largest seen is the last class: 5 alone), then 4
+    for exp, rows in ((1, [0, 2]), (2, [0, 2]), (2, [1, 3]), (2, [0, 2])):
+        if exp != ace.experience_index:
+            ace.before_experience(s[exp])
+        b = part(exp, rows)
+        loss = ace.training_step(b)
+        r = drawn[-1]
+        expected, seen = official_er_ace_ada_loss(table[b.x.flatten().long()], b.y, table[r["x"].flatten().long()],
+                                                  r["y"], seen, 6)
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    present = ERACE(Fixed(table), sgd, mem_size=8, replay_batch_size=4, seed=0)  # the default: present classes only
+    assert present.mask == "present"
+
+
+def test_er_ace_mammoth_mask_needs_a_fixed_head():
+    from cl.errors import UserError
+    from cl.models import Classifier, MLP
+
+    model = Classifier(lambda input_shape: MLP(input_shape=input_shape, hidden=(4,)), (1, 1, 1))
+    with pytest.raises(UserError, match="model.fixed_head=true"):
+        ERACE(model, sgd, mask="mammoth").setup(tiny_stream())
+    with pytest.raises(UserError, match="present or mammoth"):
+        ERACE(model, sgd, mask="official")
+
+
 def test_derpp_compares_only_the_logit_columns_that_existed_when_stored():
     s = tiny_stream()
     table = torch.randn(12, 6)
