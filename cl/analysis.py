@@ -56,17 +56,40 @@ def _events(run: Path) -> pd.DataFrame:
     return pd.DataFrame([json.loads(line) for line in lines if line.strip()])
 
 
+def primary_accuracy(run: Path, events: pd.DataFrame | None = None) -> str:
+    """"task-aware" or "task-agnostic": the accuracy the run's metrics are computed from
+    (results.json's "accuracy"; for an unfinished run, its run_start event's protocol)."""
+    res = Path(run) / "results.json"
+    if res.is_file():
+        return json.loads(res.read_text())["accuracy"]
+    events = _events(run) if events is None else events
+    if "event" in events and "protocol" in events:
+        for proto in events.loc[events["event"] == "run_start", "protocol"]:
+            if isinstance(proto, dict) and "accuracy" in proto:
+                return proto["accuracy"]
+    return "task-agnostic"
+
+
 def load_trace(paths, full: bool = False, config: bool = True) -> pd.DataFrame:
     """Every evaluation as a row: run, iteration, experience (being trained),
-    eval_experience, accuracy (task-aware too where known), n. `full=False` keeps the
-    continual (subset) evaluations, `full=True` the end-of-experience ones."""
+    eval_experience, accuracy, n. `accuracy` is the run's primary accuracy, the one its
+    metrics (min-ACC, WF, ...) are computed from (`accuracy_type` says which: task-aware in
+    task-incremental runs); `accuracy_task_agnostic` and, where known, `accuracy_task_aware`
+    hold both. `full=False` keeps the continual (subset) evaluations, `full=True` the
+    end-of-experience ones."""
     frames = []
     for run in find_runs(paths):
         ev = _events(run)
         if ev.empty or "event" not in ev:
             continue
+        primary = primary_accuracy(run, ev)
         ev = ev[(ev["event"] == "eval") & (ev["full"] == full)].drop(columns=["event"])
-        ev = ev.dropna(axis=1, how="all")
+        if ev.empty:
+            continue
+        ev = ev.dropna(axis=1, how="all").rename(columns={"accuracy": "accuracy_task_agnostic"})
+        ev.insert(ev.columns.get_loc("accuracy_task_agnostic"), "accuracy",
+                  ev["accuracy_task_aware"] if primary == "task-aware" else ev["accuracy_task_agnostic"])
+        ev["accuracy_type"] = primary
         if config:
             for k, v in run_config(run).items():
                 ev[k] = [v] * len(ev)
@@ -117,9 +140,21 @@ def compare(results: pd.DataFrame, metrics: Sequence[str], by: str | Sequence[st
     return table
 
 
+def _boundaries(run: str, trace: pd.DataFrame) -> list[int]:
+    """Iterations where a new experience starts: the run's experience_end events (the last
+    evaluation of an experience), else the first evaluation of each later experience."""
+    if (Path(run) / "metrics.jsonl").is_file():
+        ev = _events(Path(run))
+        if "event" in ev and (ev["event"] == "experience_end").any():
+            last = trace["iteration"].max()
+            return [int(it) for it in ev.loc[ev["event"] == "experience_end", "iteration"] if it < last]
+    return [int(it) for it in trace.groupby("experience")["iteration"].min().iloc[1:]]
+
+
 def plot_stability_gap(trace: pd.DataFrame, eval_experience: int = 0, by: str = "strategy", ax=None):
     """Accuracy on one experience against iteration, one line per group (mean over runs),
-    with the experience boundaries of the first run marked."""
+    with the experience boundaries of the first run marked. The curve is `trace["accuracy"]`,
+    each run's primary accuracy (the one its metrics are computed from)."""
     import matplotlib.pyplot as plt
 
     if ax is None:
@@ -130,11 +165,11 @@ def plot_stability_gap(trace: pd.DataFrame, eval_experience: int = 0, by: str = 
         ax.plot(curve.index, 100 * curve.values, lw=1.0, label=str(name))
     first = sub["run"].iloc[0] if len(sub) else None
     if first is not None:
-        starts = trace[(trace["run"] == first)].groupby("experience")["iteration"].min()
-        for it in starts.iloc[1:]:
+        for it in _boundaries(first, trace[trace["run"] == first]):
             ax.axvline(it, color="grey", lw=0.6, ls="--")
     ax.set_xlabel("iteration")
-    ax.set_ylabel(f"accuracy on experience {eval_experience} (%)")
+    kinds = sorted(set(sub["accuracy_type"].dropna())) if "accuracy_type" in sub else []
+    ax.set_ylabel(f"{' / '.join(kinds) or 'accuracy'} on experience {eval_experience} (%)")
     ax.set_ylim(-2, 102)
     ax.legend()
     return ax

@@ -51,8 +51,16 @@ def _stamp():
     return os.environ.get("CL_RUN_STAMP") or datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
 
 
+def _direction(metric):
+    """`${cl.direction:${objective}}`: Optuna's direction for a metric (minimize forgetting and WF)."""
+    from cl.evaluation.metrics import direction
+
+    return "minimize" if direction(str(metric)) == "min" else "maximize"
+
+
 def register_resolvers() -> None:
-    for name, fn in (("smoke", _smoke), ("cl.run_dir", _run_dir), ("cl.hydra_subdir", _hydra_subdir), ("cl.pool", _pool)):
+    for name, fn in (("smoke", _smoke), ("cl.run_dir", _run_dir), ("cl.hydra_subdir", _hydra_subdir), ("cl.pool", _pool),
+                     ("cl.direction", _direction)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
     if not OmegaConf.has_resolver("cl.stamp"):  # cached: one value per process, and copied into launched jobs

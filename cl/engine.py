@@ -405,7 +405,9 @@ def train(
                     log({"event": "train", "iteration": pos.iteration, "experience": i, "epoch": epoch,
                          "loss": pos.loss_sum / pos.loss_n, "lr": optimizer.param_groups[0]["lr"]})
                     pos.loss_sum, pos.loss_n = 0.0, 0
-                evaluator.after_step(pos.iteration, i, epoch_end=pos.batch == n_batches)
+                # the epoch's last update is evaluated after the epoch's hooks (`evaluator.epoch_end` below)
+                evaluator.after_step(pos.iteration, i, epoch_step=-(-pos.batch // accumulate),
+                                     epoch_end=pos.batch == n_batches)
                 if stop or (trainer.checkpoint_every and pos.iteration % trainer.checkpoint_every == 0):
                     if pos.batch < n_batches:
                         checkpoint("mid", optimizer, scheduler)
@@ -417,6 +419,8 @@ def train(
             if scheduler is not None and trainer.scheduler_interval == "epoch":
                 scheduler.step()
             strategy.after_epoch(epoch)
+            if per_epoch and epoch < epochs - 1:  # the last epoch's end is evaluated after after_experience
+                evaluator.epoch_end(pos.iteration, i, per_epoch)
             if pending:
                 pos.epoch, pending = epoch + 1, False
                 checkpoint("mid", optimizer, scheduler)
@@ -425,6 +429,8 @@ def train(
 
         strategy.after_experience(exp)
         distributed.check_in_sync(strategy.model, f"after experience {i}")
+        if per_epoch:  # the experience's last trace point: the model its accuracy-matrix row scores
+            evaluator.epoch_end(pos.iteration, i, per_epoch)
         row = evaluator.end_of_experience(i, pos.iteration)
         log({"event": "experience_end", "experience": i, "iteration": pos.iteration, "accuracy": row})
         pos.experience, pos.epoch, pos.batch = i + 1, 0, 0

@@ -7,8 +7,10 @@ reality check"): tune on one pool of classes, evaluate on a disjoint one.
 `phase=tuning|evaluation` selects the pool (`scenario.pool`, by default the two
 halves of the dataset's classes; or two named datasets through `phase_datasets`).
 Phase 2 takes the configuration whose mean `tuning.metric` over its seeds was
-best in the phase-1 folder and runs it unchanged except for `phase` and `seed`;
-only phase-2 numbers are the result.
+best in the phase-1 folder (highest, or lowest for a metric where lower is better:
+`cl.evaluation.metrics.direction`; `tuning.mode=max|min` says it explicitly) and runs
+it unchanged except for `phase` and `seed`, recording the chosen tuning runs in
+`tuning.selected_runs` (what `cl.report` reads); only phase-2 numbers are the result.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from cl.errors import UserError
+from cl.evaluation.metrics import direction
 
 # What phase 2 may set besides the chosen configuration: where and how it runs, not what.
 ALLOWED_IN_EVALUATION = ("phase", "seed", "tuning", "data_dir", "trainer.device", "logger", "resume")
@@ -56,11 +59,26 @@ def completed_jobs(folder: str | Path) -> list[Job]:
     return jobs
 
 
-def best_configuration(folder: str | Path, metric: str, mode: str = "max") -> tuple[Job, float, list[Job]]:
-    """The best configuration of a tuning sweep by the mean of `metric` over its seeds:
-    (a representative job, its mean score, all its jobs)."""
-    if mode not in ("max", "min"):
-        raise UserError(f"tuning.mode must be max or min, not {mode!r}.")
+def selection_mode(metric: str, mode: str | None = "auto") -> str:
+    """"max" or "min": the metric's direction (`mode=auto`), or `mode` if it agrees with it."""
+    if mode not in ("auto", "max", "min", None):
+        raise UserError(f"tuning.mode must be auto, max or min, not {mode!r}.")
+    try:
+        better = direction(metric)
+    except UserError:
+        if mode in ("max", "min"):
+            return mode  # a metric we know no direction for: the user's word
+        raise UserError(f"tuning.metric={metric} has no known direction; set tuning.mode=max or min.") from None
+    if mode in ("max", "min") and mode != better:
+        raise UserError(f"tuning.mode={mode} would choose the worst configuration: {'lower' if better == 'min' else 'higher'} "
+                        f"{metric} is better; set tuning.mode={better} (or auto).")
+    return better
+
+
+def best_configuration(folder: str | Path, metric: str, mode: str | None = "auto") -> tuple[Job, float, list[Job]]:
+    """The best configuration of a tuning sweep by the mean of `metric` over its seeds, in the
+    metric's direction: (a representative job, its mean score, all its jobs)."""
+    mode = selection_mode(metric, mode)
     jobs = completed_jobs(folder)
     phases = {str(j.config.get("phase")) for j in jobs}
     if phases != {"tuning"}:

@@ -1,10 +1,14 @@
 """`python -m cl.report <folders...>`: the two-phase report (Cha & Cho).
 
-Reads every finished run under the folders. Per strategy: the best configuration of
-the tuning phase (mean ± std of the metric over its seeds) against the result of the
-evaluation phase (mean ± std over its seeds), their ranks, and Kendall's τ between
-the two rankings. Only the evaluation-phase column is the result; the tuning column
-shows how much conventional tuning-and-testing on one pool would overstate it.
+Reads every finished run under the folders. Per strategy: the configuration the
+evaluation phase ran (the tuning runs it recorded in `tuning.selected_runs`, chosen by
+`tuning.metric`), its tuning-phase score (mean ± std of the metric over its seeds)
+against the result of the evaluation phase (mean ± std over its seeds), their ranks
+(rank 1 is the best: the highest value, or the lowest for a metric where lower is
+better, e.g. forgetting), and Kendall's τ between the two rankings. A strategy with
+tuning runs only shows its best tuning configuration by the metric. Only the
+evaluation-phase column is the result; the tuning column shows how much conventional
+tuning-and-testing on one pool would overstate it.
 """
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from scipy.stats import kendalltau
 
 from cl.analysis import find_runs, flatten
 from cl.errors import UserError
+from cl.evaluation.metrics import direction
 
 SEED_KEYS = ("seed", "scenario.class_order_seed", "strategy.seed", "tuning.from")
 
@@ -34,8 +39,12 @@ def _runs(folders) -> pd.DataFrame:
         flat = flatten(cfg)
         identity = json.dumps({k: repr(v) for k, v in flat.items() if k not in SEED_KEYS and not k.startswith("tuning.")},
                               sort_keys=True)
-        rows.append({"run": str(run), "phase": res["protocol"].get("phase", "all"), "strategy": res["protocol"]["strategy"],
-                     "seed": res["protocol"]["seed"], "identity": identity, "flat": flat, **res["metrics"]})
+        tuning = (OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True) or {}).get("tuning") or {}
+        selected = tuning.get("selected_runs")
+        rows.append({"run": str(run), "path": str(Path(run).resolve()), "phase": res["protocol"].get("phase", "all"),
+                     "strategy": res["protocol"]["strategy"], "seed": res["protocol"]["seed"], "identity": identity,
+                     "flat": flat, "selected": tuple(sorted(str(Path(p).resolve()) for p in selected)) if selected else None,
+                     "chosen_by": f"{tuning.get('metric')}" if selected else None, **res["metrics"]})
     return pd.DataFrame(rows)
 
 
@@ -52,33 +61,53 @@ def _varied(configs: list[dict], chosen: dict) -> str:
     return ", ".join(f"{k}={chosen.get(k)}" for k in varied) or "(single configuration)"
 
 
+def _phase1(strategy: str, tune: pd.DataFrame, evaluate: pd.DataFrame, metric: str, mode: str):
+    """(the tuning runs of the configuration phase 2 ran, its description): the selection the
+    evaluation phase recorded; without evaluation runs, the best tuning configuration by `metric`."""
+    selections = set(evaluate["selected"].dropna())
+    if len(selections) > 1:
+        raise UserError(f"The evaluation runs of {strategy} ran configurations chosen from different tuning sweeps; "
+                        "report each tuning sweep with its own evaluation runs.")
+    if tune.empty:
+        return None, "-"
+    if selections:
+        chosen = tune[tune["path"].isin(selections.pop())]
+        if chosen.empty:
+            return None, "(its chosen tuning runs are not under the folders given)"
+        by = sorted(set(evaluate["chosen_by"].dropna()))
+        note = f" (chosen by {', '.join(by)})" if by and by != [metric] else ""
+    else:
+        means = tune.groupby("identity")[metric].mean().dropna()
+        if means.empty:
+            return None, "-"
+        chosen = tune[tune["identity"] == (means.idxmax() if mode == "max" else means.idxmin())]
+        note = f" (no evaluation runs: best by {metric})"
+    return chosen, _varied(list(tune["flat"]), chosen["flat"].iloc[0]) + note
+
+
 def report(folders, metric: str = "average_incremental_accuracy") -> str:
     runs = _runs(folders)
     if runs.empty:
         raise UserError(f"No finished run under {', '.join(map(str, folders))}; pass tuning and evaluation multirun folders.")
     if metric not in runs:
         raise UserError(f"No run reports '{metric}'; use --metric with one of the metrics in results.json.")
-    lines = [f"# Two-phase report ({metric}, %)", "",
-             "| strategy | phase 1: best configuration | phase 1 (tuning pool) | phase 2 (evaluation pool) | rank 1 | rank 2 |",
+    mode = direction(metric)
+    lines = [f"# Two-phase report ({metric}, %, {'higher' if mode == 'max' else 'lower'} is better)", "",
+             "| strategy | phase 1: chosen configuration | phase 1 (tuning pool) | phase 2 (evaluation pool) | rank 1 | rank 2 |",
              "|---|---|---|---|---|---|"]
     table = []
     for strategy in sorted(runs["strategy"].unique()):
         tune = runs[(runs["strategy"] == strategy) & (runs["phase"] == "tuning")]
         evaluate = runs[(runs["strategy"] == strategy) & (runs["phase"] == "evaluation")]
-        best, best_desc = None, "-"
-        if not tune.empty:
-            means = tune.groupby("identity")[metric].mean()
-            best_id = means.idxmax()
-            best = tune[tune["identity"] == best_id]
-            best_desc = _varied(list(tune["flat"]), best["flat"].iloc[0])
+        best, best_desc = _phase1(strategy, tune, evaluate, metric, mode)
         table.append({
             "strategy": strategy, "config": best_desc,
             "p1": best[metric].mean() if best is not None else float("nan"), "p1s": _fmt(best[metric]) if best is not None else "n/a",
             "p2": evaluate[metric].mean() if not evaluate.empty else float("nan"), "p2s": _fmt(evaluate[metric]),
         })
     df = pd.DataFrame(table)
-    df["r1"] = df["p1"].rank(ascending=False, method="min")
-    df["r2"] = df["p2"].rank(ascending=False, method="min")
+    df["r1"] = df["p1"].rank(ascending=mode == "min", method="min")  # rank 1: the best
+    df["r2"] = df["p2"].rank(ascending=mode == "min", method="min")
     for _, r in df.iterrows():
         rank = lambda v: "-" if pd.isna(v) else str(int(v))  # noqa: E731
         lines.append(f"| {r.strategy} | {r.config} | {r.p1s} | {r.p2s} | {rank(r.r1)} | {rank(r.r2)} |")

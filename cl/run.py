@@ -131,6 +131,15 @@ def strategy_name(node) -> str:
     return f"{name}+{strategy_name(base)}" if base is not None and "_target_" in base else name
 
 
+def trace_description(evaluator: Evaluator) -> str:
+    """When the continual-evaluation trace was measured, in words."""
+    when = ("after update 1, 1+every, 1+2·every, ... of each epoch" if evaluator.period == "epoch"
+            else "every `every` iterations of the run")
+    before = "the run's first update" if evaluator.pre_update == "first" else "each experience's first update"
+    ends = ", at epoch ends" if evaluator.at_epoch_end else ""
+    return f"subset of each seen experience, {when}{ends} and before {before}"
+
+
 def protocol(cfg: DictConfig, stream, model, evaluator: Evaluator, trainer: engine.Trainer) -> dict:
     describe = getattr(model, "describe", None)
     return {
@@ -144,8 +153,9 @@ def protocol(cfg: DictConfig, stream, model, evaluator: Evaluator, trainer: engi
             "subset": evaluator.subset_size,
             "resample": evaluator.resample,
             "matrix": "full eval split of every experience at each experience end",
-            "trace": "subset of each seen experience, every `every` iterations, at epoch ends and before each "
-                     "experience's first update" if evaluator.every else "none",
+            "pre_update": evaluator.pre_update,
+            "period": evaluator.period,
+            "trace": trace_description(evaluator) if evaluator.every else "none",
         },
         "deterministic": trainer.deterministic,
         "epochs": 1 if stream.online else trainer.epochs,

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import pytest
 
+from cl.errors import Interrupted
 from cl.run import load_resume, run
+from strategies.replay import ER
 from tests.conftest import compose, read_events, read_results, run_inprocess
 from tests.helpers import Crash
 
@@ -98,6 +102,63 @@ def assert_resumes_to_the_same_numbers(tmp_path, overrides, crash_at):
     assert resumed == reference
     assert json.loads((killed / "results.json").read_text()) == read_results(tmp_path / "ref")
     assert comparable(read_events(killed)) == comparable(read_events(tmp_path / "ref"))
+
+
+class SignalAtER(ER):
+    """ER that sends itself SIGTERM after optimizer step `SignalAtER.at` (set by the test): the
+    engine stops after the next step, the way a SLURM preemption arrives."""
+
+    at: int | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = 0
+
+    def after_optimizer_step(self):
+        super().after_optimizer_step()
+        self.steps += 1
+        if self.steps == SignalAtER.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("stop_at", [6, 12], ids=["first-epoch-end", "experience-end"])
+def test_stopped_at_an_epoch_end_resumes_to_the_same_numbers(tmp_path, stop_at):
+    """A stop at an epoch's last step checkpoints after `after_epoch` (and, at the last epoch,
+    before `after_experience`); the epoch-end evaluation then happens exactly once, after
+    those hooks, whether the run was stopped there or not. SMALL: 6 steps per epoch, 2 epochs."""
+    overrides = SMALL + ["strategy._target_=tests.test_engine.SignalAtER", "evaluation.every=4"]
+    reference = run_inprocess(overrides, tmp_path / "ref")
+    try:
+        SignalAtER.at = stop_at - 1  # the signal arrives during step stop_at - 1; the engine stops after the next
+        with pytest.raises(Interrupted):
+            run_inprocess(overrides, tmp_path / "stopped")
+    finally:
+        SignalAtER.at = None
+    cfg, state = load_resume(compose(overrides), tmp_path / "stopped", [])
+    assert state["position"]["iteration"] == stop_at and state["position"]["phase"] == "mid"
+    assert run(cfg, tmp_path / "stopped", resume_state=state, console=False) == reference
+    assert comparable(read_events(tmp_path / "stopped")) == comparable(read_events(tmp_path / "ref"))
+
+
+@pytest.mark.parametrize("setting", ["class", "task"])
+def test_last_trace_point_of_an_experience_is_the_model_the_matrix_scores(tmp_path, setting):
+    """A strategy that changes its model in `after_experience` (here: the table of predictions)
+    is traced after that hook at the experience's last iteration, so the trace's last point
+    equals the accuracy matrix's row (the subset is the whole eval split here)."""
+    from cl import engine
+    from cl.evaluation import Evaluator
+    from cl.loggers import RunLogger
+    from tests.test_evaluator import TableStrategy, stream
+
+    s, strategy = stream(setting), TableStrategy()
+    ev = Evaluator(s, strategy, every=1, subset=1000)
+    engine.train(s, strategy, ev, RunLogger([]), engine.Trainer(epochs=2, batch_size=2),
+                 engine.Checkpointer(tmp_path), seed=0)
+    res = ev.results()
+    for i, end in enumerate(res["continual_evaluation"]["experience_ends"]):
+        for j in range(i + 1):
+            last = [a for it, a in ev.trace[j] if it <= end][-1]
+            assert last == res["accuracy_matrix"][i][j], (i, j)
 
 
 def test_resume_with_a_different_config_lists_the_keys(tmp_path):

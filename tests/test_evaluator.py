@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cl import engine
+from cl.errors import UserError
 from cl.evaluation import Evaluator
 from cl.evaluation.evaluator import eval_mode
 from cl.loggers import RunLogger
@@ -125,31 +126,84 @@ SMALL = ["scenario.max_per_class=20", "scenario.max_per_class_eval=30", "model.b
 
 
 def test_every_iteration_and_every_seen_experience_is_evaluated(tmp_path):
-    res = run_inprocess(SMALL + ["evaluation.every=1", "evaluation.subset=25"], tmp_path)
+    res = run_inprocess(SMALL + ["evaluation.every=1", "evaluation.subset=25", "evaluation.lca_beta=8"], tmp_path)
     events = read_events(tmp_path)
     tracked = {(e["iteration"], e["eval_experience"]) for e in events if e["event"] == "eval" and not e["full"]}
     per_exp = 2 * 40 // 10  # 2 epochs x 4 batches
     for i in range(5):
         for it in range(i * per_exp, (i + 1) * per_exp + 1):
             for j in range(i + 1):
-                if it == i * per_exp and j < i:
-                    continue  # at a boundary the old experiences were measured as the previous one ended
+                if it == i * per_exp and i > 0:
+                    # at a boundary the old experiences were measured as the previous one ended; the new
+                    # one is not measured before its first update (only the run's first update is)
+                    assert (it, i) not in tracked
+                    continue
                 assert (it, j) in tracked, (it, j)
     assert all(e["n"] == 25 for e in events if e["event"] == "eval" and not e["full"])
     m = res["metrics"]
-    assert all(m[k] is not None for k in ("min_acc", "wc_acc", "wf_10", "wp_10", "wf_100", "wp_100", "lca_10"))
+    assert all(m[k] is not None for k in ("min_acc", "wc_acc", "wf_10", "wp_10", "wf_100", "wp_100", "lca_8"))
     assert m["min_acc"] <= m["final_average_accuracy"] + 1e-9
     assert res["continual_evaluation"]["evaluations"] == len([e for e in events if e["event"] == "eval" and not e["full"]])
     assert (tmp_path / "stability_gap.png").is_file()
 
 
+def evaluated(run_dir) -> list[tuple[int, int]]:
+    """(iteration, evaluated experience) of every continual evaluation of a run."""
+    return sorted({(e["iteration"], e["eval_experience"]) for e in read_events(run_dir) if e["event"] == "eval" and not e["full"]})
+
+
+def iterations(run_dir) -> list[int]:
+    return sorted({it for it, _ in evaluated(run_dir)})
+
+
+# SMALL: 5 experiences x 2 epochs x 4 batches; experience i trains iterations 8i+1 .. 8i+8
 def test_epoch_ends_are_evaluated_even_with_a_long_period(tmp_path):
-    run_inprocess(SMALL + ["evaluation.every=1000"], tmp_path)
-    its = sorted({e["iteration"] for e in read_events(tmp_path) if e["event"] == "eval" and not e["full"]})
-    assert its == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40]  # starts (0) and every epoch end (4 batches)
-    run_inprocess(SMALL + ["evaluation.every=1000", "evaluation.at_epoch_end=false"], tmp_path / "off")
-    its = sorted({e["iteration"] for e in read_events(tmp_path / "off") if e["event"] == "eval" and not e["full"]})
-    assert its == [0, 8, 16, 24, 32]  # only before each experience's first update
+    run_inprocess(SMALL + ["evaluation.every=1000", "evaluation.period=global"], tmp_path)
+    assert iterations(tmp_path) == [0, 4, 8, 12, 16, 20, 24, 28, 32, 36, 40]  # before the first update, epoch ends
+    run_inprocess(SMALL + ["evaluation.every=1000", "evaluation.period=global", "evaluation.at_epoch_end=false"],
+                  tmp_path / "off")
+    assert iterations(tmp_path / "off") == [0]
+
+
+@pytest.mark.parametrize("pre_update", [None, "every"], ids=["default", "every"])
+def test_pre_update_evaluation_before_the_first_update_only_by_default(tmp_path, pre_update):
+    """De Lange et al.'s code evaluates before the very first update of the run only;
+    `pre_update=every` also evaluates each later experience (alone) before its first update."""
+    over = SMALL + ["evaluation.every=1000", "evaluation.period=global", "evaluation.at_epoch_end=false"]
+    res = run_inprocess(over + ([f"evaluation.pre_update={pre_update}"] if pre_update else []), tmp_path)
+    if pre_update == "every":
+        assert evaluated(tmp_path) == [(0, 0), (8, 1), (16, 2), (24, 3), (32, 4)]
+    else:
+        assert evaluated(tmp_path) == [(0, 0)]
+    assert res["continual_evaluation"]["pre_update"] == (pre_update or "first")
+    assert res["metrics"]["lca_10"] is None  # no experience has 10 evaluations while it is learned
+
+
+@pytest.mark.parametrize("period,extra,expected,ends", [
+    # the paper's: after update 1, 1+every, 1+2·every, ... of each epoch (epoch e starts at 4e);
+    # update 4 is the epoch's last, so at_epoch_end adds nothing
+    (None, [], [0] + [4 * e + k for e in range(10) for k in (1, 4)], None),
+    # every 3rd iteration of the run; at_epoch_end adds the epoch ends
+    ("global", [], [0] + list(range(3, 41, 3)), range(4, 41, 4)),
+    # an iteration is an optimizer step (3 micro-batches; 2 steps per epoch): after step 1 of each epoch
+    ("epoch", ["trainer.accumulate_grad_batches=3"], [0] + [2 * e + 1 for e in range(10)], range(2, 21, 2)),
+], ids=["default-epoch", "global", "epoch-accumulate"])
+def test_period_counts_updates_within_the_epoch_or_over_the_run(tmp_path, period, extra, expected, ends):
+    over = SMALL + extra + ["evaluation.every=3"] + ([f"evaluation.period={period}"] if period else [])
+    res = run_inprocess(over + ["evaluation.at_epoch_end=false"], tmp_path)
+    assert iterations(tmp_path) == expected
+    assert res["continual_evaluation"]["period"] == (period or "epoch")
+    if ends is not None:
+        run_inprocess(over, tmp_path / "ends")
+        assert iterations(tmp_path / "ends") == sorted(set(expected) | set(ends))
+
+
+def test_bad_evaluation_options_are_one_sentence():
+    s = stream()
+    with pytest.raises(UserError, match="evaluation.pre_update must be first or every"):
+        Evaluator(s, TableStrategy(), pre_update="all")
+    with pytest.raises(UserError, match="evaluation.period must be epoch or global"):
+        Evaluator(s, TableStrategy(), period="run")
 
 
 def test_resample_draws_a_new_subset_each_time(tmp_path):

@@ -97,13 +97,46 @@ def test_learning_curve_area_over_the_first_beta_evaluations_of_each_experience(
     assert M.learning_curve_area(TRACE, STARTS, ENDS, beta=2) == pytest.approx((0.65 + 0.25 + 0.35) / 3)
 
 
+def lca_as_the_paper_counts(trace, starts, ends, beta):
+    """De Lange et al.'s LCA plugin, re-derived: walk the evaluations in time order; an
+    evaluation of the experience being learned fills that experience's window until it
+    holds β values, and only a full window gives the experience an LCA; the result is the
+    mean over experiences with one, or nothing when none has one."""
+    events = sorted((it, k, a) for k, evals in trace.items() for it, a in evals)
+    window, lca = {}, {}
+    for it, k, a in events:
+        if not starts[k] <= it <= ends[k]:
+            continue  # not the experience being learned
+        if len(window.setdefault(k, [])) < beta:
+            window[k].append(a)
+            if len(window[k]) == beta:
+                lca[k] = sum(window[k]) / beta
+    return sum(lca.values()) / len(lca) if lca else None
+
+
+# during their own training, experience 0 has 3 evaluations (0.5 0.8 0.9), experience 1 has 4
+# (0.0 0.5 0.7 0.9), experience 2 has 3 (0.1 0.6 0.9)
+@pytest.mark.parametrize("beta,expected", [
+    (3, (2.2 / 3 + 1.2 / 3 + 1.6 / 3) / 3),
+    (4, 2.1 / 4),  # only experience 1 fills its window
+    (5, None),  # no experience does: null
+])
+def test_learning_curve_area_leaves_out_experiences_with_fewer_than_beta_evaluations(beta, expected):
+    got = M.learning_curve_area(TRACE, STARTS, ENDS, beta=beta)
+    assert got == (None if expected is None else pytest.approx(expected))
+    assert got == (None if expected is None else pytest.approx(lca_as_the_paper_counts(TRACE, STARTS, ENDS, beta)))
+    assert lca_as_the_paper_counts(TRACE, STARTS, ENDS, beta) == (None if expected is None else pytest.approx(expected))
+    assert M.stability_summary(TRACE, STARTS, ENDS, windows=(), beta=beta)[f"lca_{beta}"] == got
+
+
 def test_stability_metrics_with_a_single_experience():
     trace, ends = {0: [(0, 0.2), (3, 0.9), (5, 0.7)]}, [5]
     assert M.min_acc(trace, ends) is None
     assert M.wc_acc(trace, ends) == pytest.approx(0.7)
     assert M.windowed_forgetting(trace, 2) == pytest.approx(0.2)
     assert M.windowed_plasticity(trace, 2) == pytest.approx(0.7)
-    assert M.learning_curve_area(trace, [0], ends, beta=10) == pytest.approx(0.6)
+    assert M.learning_curve_area(trace, [0], ends, beta=10) is None  # 3 evaluations < β: left out
+    assert M.learning_curve_area(trace, [0], ends, beta=3) == pytest.approx(0.6)
     s = M.stability_summary(trace, [0], ends, windows=(10,))
     assert set(s) == {"min_acc", "wc_acc", "wf_10", "wp_10", "lca_10"}
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cl import analysis
 from cl.report import report
@@ -94,3 +95,92 @@ def test_evaluation_phase_errors(tmp_path):
     assert r.returncode == 2 and "holds no completed job" in r.stderr and "Traceback" not in r.stderr
     r = cli(["phase=tuning", "scenario=permuted_mnist", "debug=smoke"])
     assert r.returncode == 2 and "needs two disjoint pools" in r.stderr
+
+
+# ---- selection and ranking in the metric's direction, on hand-made run folders --------------------
+def fake_run(folder: Path, phase: str, strategy: str, lr: float, seed: int, metrics: dict, selected=None) -> Path:
+    """A finished run folder as `python -m cl` writes it (only what the protocol and report read)."""
+    cfg = {"strategy": {"_target_": f"strategies.{strategy}"}, "optimizer": {"lr": lr}, "seed": seed, "phase": phase,
+           "tuning": {"from": None, "metric": "forgetting", "mode": "auto",
+                      "selected_runs": [str(p) for p in selected] if selected else None}}
+    (folder / ".hydra").mkdir(parents=True)
+    for path in (folder / "config.yaml", folder / ".hydra" / "config.yaml"):
+        path.write_text(yaml.safe_dump(cfg))
+    (folder / "metrics.jsonl").write_text("")
+    (folder / "results.json").write_text(json.dumps({"protocol": {"phase": phase, "strategy": strategy, "seed": seed},
+                                                     "accuracy": "task-agnostic", "metrics": metrics}))
+    return folder
+
+
+# per strategy and learning rate, over seeds 0 and 1: (forgetting, average incremental accuracy)
+TUNING = {("ER", 0.01): [(0.30, 0.70), (0.32, 0.72)], ("ER", 0.1): [(0.10, 0.60), (0.12, 0.62)],
+          ("Finetune", 0.01): [(0.50, 0.50), (0.52, 0.50)], ("Finetune", 0.1): [(0.80, 0.40), (0.82, 0.40)]}
+
+
+@pytest.fixture
+def hand_made_phases(tmp_path):
+    """Tuning sweeps of ER and Finetune; evaluation runs of the configurations chosen by
+    tuning.metric=forgetting (lowest mean: ER lr=0.1, Finetune lr=0.01), as cl.protocol records them."""
+    runs = {}
+    for (strategy, lr), values in TUNING.items():
+        for seed, (f, a) in enumerate(values):
+            runs.setdefault((strategy, lr), []).append(fake_run(
+                tmp_path / f"tune_{strategy}" / f"{lr}_{seed}", "tuning", strategy, lr, seed,
+                {"forgetting": f, "average_incremental_accuracy": a}))
+    for strategy, lr, f in (("ER", 0.1, 0.15), ("Finetune", 0.01, 0.55)):
+        for seed in range(3):
+            fake_run(tmp_path / f"eval_{strategy}" / str(seed), "evaluation", strategy, lr, seed,
+                     {"forgetting": f, "average_incremental_accuracy": 0.5}, selected=runs[(strategy, lr)])
+    return tmp_path
+
+
+def test_tuning_selection_follows_the_metric_direction(hand_made_phases):
+    from cl.errors import UserError
+    from cl.evaluation import metrics
+    from cl.protocol import best_configuration
+
+    assert metrics.direction("forgetting") == "min" and metrics.direction("wf_100") == "min"
+    assert metrics.direction("average_incremental_accuracy") == "max" and metrics.direction("lca_10") == "max"
+    er = hand_made_phases / "tune_ER"
+    job, score, members = best_configuration(er, "forgetting")
+    assert job.config.optimizer.lr == 0.1 and score == pytest.approx(0.11) and len(members) == 2
+    job, score, _ = best_configuration(er, "average_incremental_accuracy")
+    assert job.config.optimizer.lr == 0.01 and score == pytest.approx(0.71)
+    assert best_configuration(er, "forgetting", "min")[0].config.optimizer.lr == 0.1
+    with pytest.raises(UserError, match="lower forgetting is better; set tuning.mode=min"):
+        best_configuration(er, "forgetting", "max")
+
+
+def test_report_shows_the_recorded_selection_ranked_in_the_metric_direction(hand_made_phases):
+    text = report([hand_made_phases], "forgetting")
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in text.splitlines() if line.startswith("| ER")
+            or line.startswith("| Finetune")}
+    # the configurations phase 2 ran (not the highest forgetting), with ranks where lower is better
+    assert rows["ER"][1] == "optimizer.lr=0.1" and rows["ER"][2].startswith("11.00 ± 1.00 (n=2)")
+    assert rows["ER"][3].startswith("15.00 ± 0.00 (n=3)") and rows["ER"][4:] == ["1", "1 |"]
+    assert rows["Finetune"][1] == "optimizer.lr=0.01" and rows["Finetune"][2].startswith("51.00 ± 1.00")
+    assert rows["Finetune"][4:] == ["2", "2 |"]
+    assert "Kendall τ = 1.000" in text and "lower is better" in text
+    # another metric shows the same configurations, saying what chose them
+    text = report([hand_made_phases], "average_incremental_accuracy")
+    assert "| ER | optimizer.lr=0.1 (chosen by forgetting) | 61.00 ± 1.00 (n=2)" in text
+    # tuning runs alone: the best configuration in the metric's direction
+    text = report([hand_made_phases / "tune_ER", hand_made_phases / "tune_Finetune"], "forgetting")
+    assert "| ER | optimizer.lr=0.1 (no evaluation runs: best by forgetting) | 11.00" in text
+
+
+def test_optuna_direction_follows_the_objective():
+    """The Optuna sweeper minimises a lower-is-better objective (forgetting, WF) and maximises the rest."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from cl.cli import register_resolvers
+    from tests.conftest import CONF
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        for objective, expected in (("forgetting", "minimize"), ("wf_10", "minimize"),
+                                    ("average_incremental_accuracy", "maximize")):
+            cfg = hydra_compose("config", overrides=["hydra/sweeper=tuning", f"objective={objective}"],
+                                return_hydra_config=True)
+            assert cfg.hydra.sweeper.direction == expected

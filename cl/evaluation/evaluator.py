@@ -4,10 +4,16 @@
   the head grown to every class (the baseline b for FWT).
 - Continual evaluation (`every > 0`), on a fixed seeded subset (`subset`
   samples) of each *seen* experience's eval split (`resample=true` re-draws it at
-  every evaluation, as De Lange et al.'s code does):
-  once before the first update of each experience (on that experience; the
-  others were just measured at the previous epoch end), every `every`
-  iterations, and at every epoch end.
+  every evaluation, as De Lange et al.'s code does), following their code:
+  before the run's very first update (`pre_update=every`: also before each later
+  experience's first update, on that experience alone; the others were just
+  measured as the previous one ended); after update 1, 1+every, 1+2·every, … of
+  each epoch (`period=epoch`; `period=global`: every `every`-th iteration of the
+  run); and at every epoch end (`at_epoch_end`). The engine calls `epoch_end`
+  after the strategy's `after_epoch`, and for an experience's last epoch after
+  `after_experience`, so an experience's last trace point scores the model that
+  its accuracy-matrix row scores. Which iterations are evaluated depends only on
+  the position in the run (and `every`), so a resumed run evaluates at the same ones.
 - `end_of_experience(i)`: the full eval sets of all experiences, seen and
   unseen -> row i of the accuracy matrix.
 
@@ -25,6 +31,17 @@ answers in `initial()` and scores agreement with them at every experience end.
 
 `budget` caps the share of wall time spent in continual evaluation: when the
 share exceeds it, the period doubles. The periods used are in results.json.
+
+Deliberate differences from De Lange et al.'s code (github.com/Mattdl/ContinualEvaluation):
+- `at_epoch_end=true` evaluates at each epoch's last update. Their plugin means to
+  ("or last in experience") but its test reads Avalanche's per-epoch counter before
+  the counter counts the current iteration, so it never fires; with their default
+  period of 1 every update is evaluated anyway.
+- Their last evaluation of an experience comes before `after_training_exp`; ours
+  comes after `after_experience` (the same model for methods that leave the weights
+  alone at a task end, the scored model for those that change them: LCIA, DST).
+- `resample=false` (a fixed subset) is our default; their code re-draws the subset
+  before every iteration (`resample=true`).
 """
 from __future__ import annotations
 
@@ -99,6 +116,8 @@ class Evaluator:
         split: str = "test",
         resample: bool = False,
         at_epoch_end: bool = True,
+        pre_update: str = "first",
+        period: str = "epoch",
         budget: float | None = None,
         windows=(10, 100),
         lca_beta: int = 10,
@@ -111,6 +130,10 @@ class Evaluator:
         for name, value in (("every", every), ("subset", subset), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < (0 if name == "every" else 1):
                 raise UserError(f"evaluation.{name} must be a {'non-negative' if name == 'every' else 'positive'} integer, got {value!r}.")
+        if pre_update not in ("first", "every"):
+            raise UserError(f"evaluation.pre_update must be first or every, not {pre_update!r}.")
+        if period not in ("epoch", "global"):
+            raise UserError(f"evaluation.period must be epoch or global, not {period!r}.")
         if budget is not None and not 0 < budget < 1:
             raise UserError(f"evaluation.budget must be a fraction in (0, 1) or null, got {budget!r}.")
         self.stream = stream
@@ -127,6 +150,8 @@ class Evaluator:
         self.subset_size = int(subset)
         self.resample = resample
         self.at_epoch_end = at_epoch_end
+        self.pre_update = pre_update
+        self.period = period
         self.budget = budget
         self.windows = tuple(windows)
         self.lca_beta = lca_beta
@@ -245,11 +270,25 @@ class Evaluator:
 
     def experience_start(self, i: int, iteration: int) -> None:
         self.starts.append(iteration)
-        if self.every > 0:
+        if self.every > 0 and (i == 0 or self.pre_update == "every"):
             self._continual([i], iteration, i)
 
-    def after_step(self, iteration: int, i: int, epoch_end: bool) -> None:
-        if self.every > 0 and (iteration % self.every == 0 or (epoch_end and self.at_epoch_end)):
+    def due(self, iteration: int, epoch_step: int) -> bool:
+        """Whether the period asks for an evaluation after this update (`epoch_step`: the
+        update's number within its epoch, from 1)."""
+        if self.period == "epoch":
+            return (epoch_step - 1) % self.every == 0
+        return iteration % self.every == 0
+
+    def after_step(self, iteration: int, i: int, epoch_step: int, epoch_end: bool) -> None:
+        """After an update; the epoch's last update is left to `epoch_end`."""
+        if self.every > 0 and not epoch_end and self.due(iteration, epoch_step):
+            self._continual(list(range(i + 1)), iteration, i)
+
+    def epoch_end(self, iteration: int, i: int, epoch_step: int) -> None:
+        """After the epoch's hooks (`after_epoch`, and `after_experience` for the last epoch):
+        the epoch-end evaluation, or the period's if it falls on the epoch's last update."""
+        if self.every > 0 and (self.at_epoch_end or self.due(iteration, epoch_step)):
             self._continual(list(range(i + 1)), iteration, i)
 
     def end_of_experience(self, i: int, iteration: int) -> list[float]:
@@ -304,6 +343,8 @@ class Evaluator:
                 "subset": self.subset_size,
                 "resample": self.resample,
                 "at_epoch_end": self.at_epoch_end,
+                "pre_update": self.pre_update,
+                "period": self.period,
                 "budget": self.budget,
                 "periods": self.periods,
                 "evaluations": sum(len(t) for t in self.trace_iters),

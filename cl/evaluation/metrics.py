@@ -19,6 +19,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Mapping, Sequence
 
+from cl.errors import UserError
+
 Matrix = Sequence[Sequence[float]]
 Trace = Mapping[int, Sequence[tuple[int, float]]]
 
@@ -129,12 +131,35 @@ def windowed_plasticity(trace: Trace, h: int) -> float | None:
 
 def learning_curve_area(trace: Trace, starts: Sequence[int], ends: Sequence[int], beta: int = 10) -> float | None:
     """LCA^β: mean over experiences k of the mean accuracy on k over its first β evaluations
-    during its own training (the first one before its first update)."""
+    during its own training. As in De Lange et al.'s code, an experience evaluated fewer
+    than β times while it was learned is left out; None when no experience qualifies."""
     per = []
     for k, (s, e) in enumerate(zip(starts, ends)):
         during = [a for it, a in trace.get(k, ()) if s <= it <= e][:beta]
-        per.append(_mean(during))
+        per.append(_mean(during) if len(during) == beta else None)
     return _mean(per)
+
+
+# ---- which way is better ----------------------------------------------------------------------
+
+# The one place that says it: cl.protocol selects the tuning phase's best configuration and
+# cl.report ranks strategies with it. Windowed metrics (wf_<h>, wp_<h>, lca_<β>) by prefix.
+LOWER_IS_BETTER = ("forgetting", "wf_")
+HIGHER_IS_BETTER = ("final_average_accuracy", "final_accuracy", "average_incremental_accuracy", "bwt", "fwt",
+                    "min_acc", "wc_acc", "wp_", "lca_", "retention")
+
+
+def direction(name: str) -> str:
+    """"max" if a higher value of metric `name` is better, "min" if a lower one is."""
+    def known(names):
+        return any(name == n or (n.endswith("_") and name.startswith(n) and name[len(n):].isdigit()) for n in names)
+
+    if known(LOWER_IS_BETTER):
+        return "min"
+    if known(HIGHER_IS_BETTER):
+        return "max"
+    names = ", ".join(n + "<h>" if n.endswith("_") else n for n in HIGHER_IS_BETTER + LOWER_IS_BETTER)
+    raise UserError(f"'{name}' is not a metric of results.json; use one of {names}.")
 
 
 # ---- everything for results.json --------------------------------------------------------------

@@ -14,6 +14,7 @@ class WandbLogger:
                  name: str | None = None, tags=None, dir: str | None = None, run_config: dict | None = None,
                  init_timeout: float = 30.0):
         self.run = None
+        self.task_aware = False  # from the run_start event: the run's primary accuracy is the task-aware one
         try:
             import wandb
 
@@ -31,11 +32,15 @@ class WandbLogger:
         step = event.get("iteration")
         if kind == "train":
             self.run.log({"train/loss": event["loss"], "train/lr": event.get("lr"), "experience": event["experience"]}, step=step)
+        elif kind == "run_start":  # which accuracy the metrics use: acc_exp<j> is that one
+            self.task_aware = (event.get("protocol") or {}).get("accuracy") == "task-aware"
         elif kind == "eval":
-            tag = "full" if event.get("full") else "subset"
-            data = {f"eval_{tag}/acc_exp{event['eval_experience']}": event["accuracy"]}
+            tag, j = "full" if event.get("full") else "subset", event["eval_experience"]
+            aware = self.task_aware and "accuracy_task_aware" in event
+            data = {f"eval_{tag}/acc_exp{j}": event["accuracy_task_aware"] if aware else event["accuracy"]}
             if "accuracy_task_aware" in event:
-                data[f"eval_{tag}/acc_task_aware_exp{event['eval_experience']}"] = event["accuracy_task_aware"]
+                data[f"eval_{tag}/acc_task_aware_exp{j}"] = event["accuracy_task_aware"]
+                data[f"eval_{tag}/acc_task_agnostic_exp{j}"] = event["accuracy"]
             self.run.log(data, step=step)
         elif kind == "run_end":
             for k, v in (event.get("metrics") or {}).items():
