@@ -114,6 +114,6 @@ def evaluation_config(cfg: DictConfig, touched: list[str | None]) -> DictConfig:
     for key in ("data_dir", "trainer.device", "logger"):
         if key in [k for k in touched if k]:
             OmegaConf.update(chosen, key, OmegaConf.select(cfg, key), merge=False)
-    chosen.tuning = OmegaConf.merge(cfg.tuning, {"selected_runs": [str(m.folder) for m in members],
+    chosen.tuning = OmegaConf.merge(cfg.tuning, {"selected_runs": [str(m.folder.resolve()) for m in members],
                                                  "selected_score": score})
     return chosen

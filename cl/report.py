@@ -43,9 +43,28 @@ def _runs(folders) -> pd.DataFrame:
         selected = tuning.get("selected_runs")
         rows.append({"run": str(run), "path": str(Path(run).resolve()), "phase": res["protocol"].get("phase", "all"),
                      "strategy": res["protocol"]["strategy"], "seed": res["protocol"]["seed"], "identity": identity,
-                     "flat": flat, "selected": tuple(sorted(str(Path(p).resolve()) for p in selected)) if selected else None,
+                     "flat": flat, "selected": _selection_keys(selected, tuning.get("from")) if selected else None,
                      "chosen_by": f"{tuning.get('metric')}" if selected else None, **res["metrics"]})
     return pd.DataFrame(rows)
+
+
+def _selection_keys(selected, sweep) -> tuple:
+    """How to recognise the tuning runs an evaluation run recorded, wherever the folders are now:
+    each run's path from its sweep folder's name down (`tune_er/3`), so a relative `tuning.from`
+    or a sweep copied elsewhere (off a cluster, say) still matches."""
+    keys = []
+    for run in selected:
+        run = Path(run)
+        try:
+            keys.append((Path(sweep).name, *run.relative_to(sweep).parts) if sweep else run.parts[-2:])
+        except ValueError:  # recorded outside tuning.from (an older record): the sweep's folder and the job
+            keys.append(run.parts[-2:])
+    return tuple(sorted(keys))
+
+
+def _recorded(path: str, keys: tuple) -> bool:
+    parts = Path(path).parts
+    return any(parts[-len(k):] == tuple(k) for k in keys)
 
 
 def _fmt(values: pd.Series) -> str:
@@ -71,7 +90,8 @@ def _phase1(strategy: str, tune: pd.DataFrame, evaluate: pd.DataFrame, metric: s
     if tune.empty:
         return None, "-"
     if selections:
-        chosen = tune[tune["path"].isin(selections.pop())]
+        keys = selections.pop()
+        chosen = tune[[_recorded(p, keys) for p in tune["path"]]]
         if chosen.empty:
             return None, "(its chosen tuning runs are not under the folders given)"
         by = sorted(set(evaluate["chosen_by"].dropna()))

@@ -169,6 +169,20 @@ def test_report_shows_the_recorded_selection_ranked_in_the_metric_direction(hand
     assert "| ER | optimizer.lr=0.1 (no evaluation runs: best by forgetting) | 11.00" in text
 
 
+def test_report_finds_the_recorded_runs_from_anywhere(hand_made_phases, monkeypatch):
+    """A relative tuning.from (as in the README), read from another folder or after the sweeps were moved."""
+    for run in (hand_made_phases / "eval_ER").iterdir():
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        cfg["tuning"]["from"] = "multirun/tune_ER"
+        cfg["tuning"]["selected_runs"] = ["multirun/tune_ER/0.1_0", "multirun/tune_ER/0.1_1"]
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    elsewhere = hand_made_phases / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    text = report([hand_made_phases], "forgetting")
+    assert "| ER | optimizer.lr=0.1 | 11.00 ± 1.00 (n=2)" in text, text
+
+
 def test_optuna_direction_follows_the_objective():
     """The Optuna sweeper minimises a lower-is-better objective (forgetting, WF) and maximises the rest."""
     from hydra import compose as hydra_compose

@@ -9,7 +9,7 @@
   experience's first update, on that experience alone; the others were just
   measured as the previous one ended); after update 1, 1+every, 1+2·every, … of
   each epoch (`period=epoch`; `period=global`: every `every`-th iteration of the
-  run); and at every epoch end (`at_epoch_end`). The engine calls `epoch_end`
+  run); and (ours, see below) at every epoch end (`at_epoch_end`). The engine calls `epoch_end`
   after the strategy's `after_epoch`, and for an experience's last epoch after
   `after_experience`, so an experience's last trace point scores the model that
   its accuracy-matrix row scores. Which iterations are evaluated depends only on
@@ -39,7 +39,8 @@ Deliberate differences from De Lange et al.'s code (github.com/Mattdl/ContinualE
   period of 1 every update is evaluated anyway.
 - Their last evaluation of an experience comes before `after_training_exp`; ours
   comes after `after_experience` (the same model for methods that leave the weights
-  alone at a task end, the scored model for those that change them: LCIA, DST).
+  alone at a task end, the scored model for those that change them: LCIA's θ*,
+  DST's and CLR's best epoch, MOS's aligned classifier and retrieval).
 - `resample=false` (a fixed subset) is our default; their code re-draws the subset
   before every iteration (`resample=true`).
 """
