@@ -38,14 +38,15 @@ Deviations from the official code:
   magnitude threshold can drop more when weights tie at 0; its random growth is
   a Bernoulli draw), so every layer keeps its mask size; just-dropped positions
   are not regrown in the same update (RigL's rule);
-- none by default for a regrown position of an earlier task: as in the official
-  code it stays 0 while this task trains, but evaluation (W∪ ⊙ M_t) sees the old
-  value; `revived=old` instead gives it the old value during training too;
 - r is the closed-form cosine (the official reads it from torch's
   `CosineAnnealingLR`, equal up to rounding); random draws come from seeded
   generators of their own (identical on every rank, the same after a resume);
 - parameters outside the masks other than the head's bias (hidden biases of an
   MLP, say) train in the first task only; the official models have none.
+
+A regrown position of an earlier task stays 0 while this task trains, as in the
+official code, but evaluation (W∪ ⊙ M_t) sees its old value; the option
+`revived=old` gives it the old value during training too.
 
 The head's bias is shared and unmasked, as in the official code: a task's loss
 reaches only its own classes' entries, so with weight decay 0 (the default) the
