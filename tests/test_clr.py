@@ -88,7 +88,8 @@ def test_old_tasks_are_bit_identical_after_later_tasks_while_shared_bn_finetunin
         assert all(R[i][j] == R[j][j] for i in range(j, len(R))), f"task {j} changed: {[r[j] for r in R]}"
     assert clr["metrics"]["bwt"] == 0
     assert all(torch.equal(RecordingCLR.logits[0], later) for later in RecordingCLR.logits[1:])
-    assert sum(R[j][j] for j in range(len(R))) / len(R) > 0.8  # it learns the tasks (chance: 0.5)
+    untrained = sum(clr["initial_accuracy"]) / len(R)  # about 0.5: two classes per task
+    assert sum(R[j][j] for j in range(len(R))) / len(R) > untrained + 0.3  # it learns the tasks
 
     ft = run_inprocess(TIL + ["strategy=finetune"], tmp_path / "ft")
     assert ft["metrics"]["bwt"] < -0.05, ft["accuracy_matrix"]

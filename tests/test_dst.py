@@ -79,9 +79,10 @@ def test_bwt_is_zero_old_weights_are_bit_identical_and_density_stays_on_target(t
     for j in range(len(R)):
         assert all(R[i][j] == R[j][j] for i in range(j, len(R))), f"task {j} changed: {[r[j] for r in R]}"
     assert results["metrics"]["bwt"] == 0
-    # and it learns: chance is 0.5 per task; the mean diagonal is 0.89-0.97 over thread counts and settings
-    # (one task of the uniform/random draw lands at 0.6-0.73 depending on float paths, so no per-task bar)
-    assert sum(R[j][j] for j in range(len(R))) / len(R) > 0.75
+    # and it learns: against the untrained model (about 0.5 per task), the mean diagonal gains 0.39-0.47 over
+    # thread counts and settings (one task of the uniform/random draw lands at 0.6-0.73, so no per-task bar)
+    untrained = sum(results["initial_accuracy"]) / len(R)
+    assert sum(R[j][j] for j in range(len(R))) / len(R) > untrained + 0.25
     # each task's weights after the last task are bit-identical to those at its own end
     assert len(RecordingDST.merged) == 5
     for j, at_end in enumerate(RecordingDST.merged):
