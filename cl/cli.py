@@ -18,6 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cl import distributed
+from cl.checks import check_group_choices, check_overrides
 from cl.errors import Interrupted, UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -68,29 +69,6 @@ def register_resolvers() -> None:
 
 
 register_resolvers()  # at import, so jobs that a launcher runs in other processes have them too
-
-
-def group_options(group: str) -> list[str]:
-    folder = CONF_DIR / group
-    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
-
-
-def check_group_choices(argv: list[str]) -> None:
-    """Unknown options of a config group get the list of valid ones, before Hydra starts."""
-    for arg in argv:
-        if "=" not in arg or arg.startswith("-"):
-            continue
-        key, _, value = arg.partition("=")
-        key = key.lstrip("+~")
-        if "." in key or key.startswith("hydra") or not (CONF_DIR / key).is_dir():
-            continue
-        options = group_options(key)
-        values = value.split(",") if "," in value and not value.startswith(("[", "{")) else [value]
-        for v in values:
-            v = v.strip()
-            if v in ("null", "") or v in options:
-                continue
-            raise UserError(f"Unknown {key} '{v}'; choose one of: {', '.join(options)}.")
 
 
 def touched_keys() -> list[str | None]:
@@ -213,6 +191,7 @@ def main() -> None:
     register_resolvers()
     try:
         check_group_choices(sys.argv[1:])
+        check_overrides(sys.argv[1:])
         check_tuning_folder(sys.argv[1:])
         check_writable(sys.argv[1:])
     except UserError as e:

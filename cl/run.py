@@ -13,17 +13,16 @@ import json
 import logging
 import os
 import platform
-import re
 import subprocess
 from pathlib import Path
 
 import torch
 
-from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cl import distributed, engine
+from cl.checks import build, check_config
 from cl.errors import UserError, cannot_write
 from cl.evaluation import Evaluator
 from cl.evaluation import plots
@@ -83,27 +82,6 @@ def load_resume(cfg: DictConfig, run_dir: Path, touched: list[str], requeued: bo
     saved.resume = str(run_dir)
     ckpt = run_dir / "checkpoints" / engine.CHECKPOINT
     return saved, (engine.Checkpointer.load(ckpt) if ckpt.is_file() else None)
-
-
-def build(cfg: DictConfig, group: str, **kwargs):
-    """`instantiate(cfg[group])`, with a wrong parameter answered in one sentence."""
-    try:
-        return instantiate(cfg[group], **kwargs)
-    except InstantiationException as e:
-        cause = e.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
-        bad = re.search(r"unexpected keyword argument '(\w+)'", str(e))
-        where = re.search(r"full_key: ([\w.]+)", str(e))
-        node = where.group(1) if where else group
-        called = re.search(r"target '([\w.]+)'", str(e))
-        target = called.group(1) if called else cfg[group].get("_target_", group)
-        if bad:
-            raise UserError(
-                f"{node}.{bad.group(1)} is not a parameter of {target}; remove it (a preset may have set it "
-                f"for another {group}) or choose a {group} that takes it."
-            ) from None
-        raise
 
 
 def missing_weights(cfg: DictConfig) -> str | None:
@@ -217,6 +195,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
     if main and resume_state is None and not cfg.get("resume"):
         write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
 
+    check_config(cfg)
     trainer = engine.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True))
     if cfg.get("phase", "all") not in ("all", "tuning", "evaluation"):
         raise UserError(f"phase must be all, tuning or evaluation, not {cfg.phase!r}.")
@@ -225,9 +204,6 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
             f"phase={cfg.phase} needs two disjoint pools: use a class-split scenario (scenario.pool follows phase) "
             "or set phase_datasets={tuning: ..., evaluation: ...} with scenario.dataset=${phase_datasets.${phase}}."
         )
-    lr = cfg.optimizer.get("lr")
-    if lr is not None and not lr > 0:
-        raise UserError(f"optimizer.lr must be positive, got {lr}.")
     device = engine.resolve_device(trainer.device)
     engine.seed_everything(cfg.seed, trainer.deterministic, device)
     try:
