@@ -4,6 +4,7 @@
     results = load_results("outputs/")                       # one row per run: metrics + config
     plot_stability_gap(trace, eval_experience=0, by="strategy")
     compare(results, ["min_acc", "wc_acc", "final_average_accuracy"], by="strategy")
+    check_config("outputs/nb/er", ["strategy=er", "seed=1"])  # reuse a run only if it ran these settings
 
 A run folder is any folder holding `metrics.jsonl` and `config.yaml`; a path may
 be one run, a multirun folder, or any tree of them. Config fields become columns
@@ -49,6 +50,33 @@ def run_config(run: Path) -> dict:
     flat["strategy"] = str(flat.get("strategy._target_", "?")).rsplit(".", 1)[-1]
     flat["run"] = str(run)
     return flat
+
+
+def config_differences(run: str | Path, overrides: Sequence[str]) -> list[str]:
+    """Dotted keys where the run's saved config.yaml differs from the config that
+    `python -m cl <overrides>` would run now (`hydra.*` overrides and `resume` aside)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from cl.cli import CONF_DIR, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[o for o in overrides if not o.lstrip("+~").startswith("hydra")])
+    asked = flatten(OmegaConf.to_container(cfg, resolve=True))
+    saved = flatten(yaml.safe_load((Path(run) / "config.yaml").read_text()) or {})
+    return sorted(k for k in set(asked) | set(saved) if k != "resume" and asked.get(k) != saved.get(k))
+
+
+def check_config(run: str | Path, overrides: Sequence[str]) -> None:
+    """Refuse to reuse a run whose saved config differs from the one `overrides` ask for."""
+    from cl.errors import UserError
+
+    differing = config_differences(run, overrides)
+    if differing:
+        raise UserError(f"{run} holds a run of another configuration than the one asked for (it differs at "
+                        f"{', '.join(differing[:10])}{' ...' if len(differing) > 10 else ''}); delete that folder "
+                        "or point the notebook at another one.")
 
 
 def _events(run: Path) -> pd.DataFrame:

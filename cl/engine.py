@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from cl import distributed
-from cl.errors import Interrupted, UserError, cannot_write
+from cl.errors import Diverged, Interrupted, UserError, cannot_write
 from cl.evaluation import Evaluator
 from cl.loggers import RunLogger
 from cl.stream import Stream
@@ -378,11 +378,8 @@ def train(
                 group_loss = 0.0
                 if value != value or value in (float("inf"), float("-inf")):
                     good = checkpointer.path if checkpointer.path.exists() else "none written yet"
-                    raise UserError(
-                        f"The loss became {value} at iteration {pos.iteration + 1} (experience {i}, epoch {epoch}); "
-                        f"lower optimizer.lr or set trainer.clip_grad_norm, then resume from the last good "
-                        f"checkpoint ({good})."
-                    )
+                    raise Diverged(f"The loss became {value} at iteration {pos.iteration + 1} (experience {i}, "
+                                   f"epoch {epoch}; last good checkpoint: {good})")
                 scaler.unscale_(optimizer)
                 strategy.after_backward()
                 if trainer.clip_grad_norm:

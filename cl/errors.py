@@ -6,6 +6,10 @@ class UserError(Exception):
     """Bad input: an option, a missing file, data or weights, a diverging run."""
 
 
+class Diverged(UserError):
+    """The loss became NaN or infinite; `python -m cl` adds the command that starts again with a lower lr."""
+
+
 def cannot_write(path, reason, run_dir) -> UserError:
     """A file of the run folder could not be written (full disk, read-only folder)."""
     return UserError(f"Cannot write {path} ({reason}); free space or choose a writable run folder "

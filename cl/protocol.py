@@ -14,6 +14,7 @@ it unchanged except for `phase` and `seed`, recording the chosen tuning runs in
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -31,8 +32,12 @@ ALLOWED_IN_EVALUATION = ("phase", "seed", "tuning", "data_dir", "trainer.device"
 @dataclass
 class Job:
     folder: Path
-    config: DictConfig  # as composed (interpolations unresolved), from .hydra/config.yaml
-    metrics: dict
+    config: DictConfig  # as composed (interpolations kept), from the .hydra/config.yaml the run wrote
+    results: dict
+
+    @property
+    def metrics(self) -> dict:
+        return self.results["metrics"]
 
     @property
     def identity(self) -> str:
@@ -42,16 +47,29 @@ class Job:
         return json.dumps(cfg, sort_keys=True, default=str)
 
 
+def load_job(folder: Path) -> Job | None:
+    """A finished run (None if it has no results.json), with the configuration it ran with: its
+    config files are checked against the fingerprint its results.json recorded when it started."""
+    folder = Path(folder)
+    if not (folder / "results.json").is_file():
+        return None
+    results = json.loads((folder / "results.json").read_text())
+    for name, sha in (results.get("config_sha256") or {}).items():
+        path = folder / name
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != sha:
+            raise UserError(f"{path} is not the config {folder} ran with (it changed after the run started); restore "
+                            "it, or move that run out of the folders given.")
+    composed = folder / ".hydra" / "config.yaml"
+    return Job(folder, OmegaConf.load(composed if composed.is_file() else folder / "config.yaml"), results)
+
+
 def completed_jobs(folder: str | Path) -> list[Job]:
     """The jobs of a multirun folder that finished (they have results.json)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"tuning.from={folder} does not exist; pass the multirun folder of the tuning phase.")
-    jobs = []
-    for res in sorted(folder.rglob("results.json")):
-        composed = res.parent / ".hydra" / "config.yaml"
-        if composed.is_file():
-            jobs.append(Job(res.parent, OmegaConf.load(composed), json.loads(res.read_text())["metrics"]))
+    jobs = [load_job(res.parent) for res in sorted(folder.rglob("results.json"))]
+    jobs = [j for j in jobs if j is not None]
     if not jobs:
         failed = sorted(folder.rglob("error.txt"))
         why = f"{len(failed)} failed (see {failed[0]})" if failed else "none finished"

@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -30,7 +31,8 @@ from cl.loggers import ConsoleLogger, JsonlLogger, RunLogger
 
 log = logging.getLogger("cl")
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = "config.yaml"  # resolved: what the run ran with
+COMPOSED_FILE = ".hydra/config.yaml"  # as composed (interpolations kept): what phase 2 re-runs with its own phase and seed
 ROOT = Path(__file__).resolve().parent.parent
 IGNORED_ON_RESUME = ("resume",)
 
@@ -52,10 +54,28 @@ def _plain(cfg: DictConfig, key: str):
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def load_resume(cfg: DictConfig, run_dir: Path, touched: list[str], requeued: bool = False) -> tuple[DictConfig, dict | None]:
+def existing_run(cfg: DictConfig, run_dir: Path) -> str:
+    """What `run_dir` holds for this config, read before anything is written: "fresh" (no run, or
+    this run stopped before its first checkpoint: it starts over), "checkpoint" (this run, stopped:
+    it continues) or "finished" (this run, with results.json). Another run's folder is refused and
+    left untouched."""
+    if not (run_dir / CONFIG_FILE).is_file():
+        return "fresh"
+    saved = OmegaConf.to_container(OmegaConf.load(run_dir / CONFIG_FILE), resolve=True)
+    differing = diff_keys(OmegaConf.to_container(cfg, resolve=True), saved)
+    if differing:
+        raise UserError(
+            f"{run_dir} holds another run (its config differs at {', '.join(differing[:10])}"
+            f"{' ...' if len(differing) > 10 else ''}); choose another folder, or continue that run with resume={run_dir}."
+        )
+    if (run_dir / "results.json").is_file():
+        return "finished"
+    return "checkpoint" if (run_dir / "checkpoints" / engine.CHECKPOINT).is_file() else "fresh"
+
+
+def load_resume(cfg: DictConfig, run_dir: Path, touched: list[str]) -> tuple[DictConfig, dict | None]:
     """The saved config of `run_dir` (checked against the keys the command line set)
-    and its checkpoint, if one was written. `requeued`: the same job started again in
-    its own folder (a preempted SLURM job), compared on every key."""
+    and its checkpoint, if one was written."""
     saved_path = run_dir / CONFIG_FILE
     if not saved_path.is_file():
         raise UserError(f"resume={run_dir} holds no {CONFIG_FILE}; pass the folder of an earlier run (it has metrics.jsonl).")
@@ -69,11 +89,6 @@ def load_resume(cfg: DictConfig, run_dir: Path, touched: list[str], requeued: bo
         else:
             differing += diff_keys(_plain(cfg, key), _plain(saved, key), f"{key}.")
     differing = sorted(set(differing))
-    if differing and requeued:
-        raise UserError(
-            f"{run_dir} holds a checkpoint of another run (its config differs at {', '.join(differing[:10])}); "
-            f"choose a new folder with hydra.run.dir=<dir>, or continue that run with resume={run_dir}."
-        )
     if differing:
         raise UserError(
             f"The config differs from the run being resumed at {', '.join(differing[:10])}"
@@ -173,6 +188,13 @@ def provenance(device, world_size: int) -> dict:
     }
 
 
+def config_fingerprint(run_dir: Path) -> dict:
+    """sha256 of the run's config files as it starts; results.json keeps it, so whoever reads a
+    finished run (two-phase selection, report) can check the files are the ones it ran with."""
+    return {name: hashlib.sha256((run_dir / name).read_bytes()).hexdigest()
+            for name in (CONFIG_FILE, COMPOSED_FILE) if (run_dir / name).is_file()}
+
+
 def write(path: Path, text: str) -> None:
     """Write a file of the run folder atomically; a full disk or a read-only folder is one sentence."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -194,6 +216,9 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
                             "hydra.run.dir=<dir>.") from e
     if main and resume_state is None and not cfg.get("resume"):
         write(run_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / COMPOSED_FILE).parent.mkdir(exist_ok=True)
+        write(run_dir / COMPOSED_FILE, OmegaConf.to_yaml(cfg))
+    fingerprint = config_fingerprint(run_dir)
 
     check_config(cfg)
     trainer = engine.Trainer(**OmegaConf.to_container(cfg.trainer, resolve=True))
@@ -242,7 +267,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
                                     engine.Checkpointer(run_dir / "checkpoints", jsonl=jsonl), cfg.seed, resume_state,
                                     preemption)
         results = {"protocol": proto, **evaluator.results(), "iterations": position.iteration,
-                   "provenance": origin}
+                   "provenance": origin, "config_sha256": fingerprint}
         if callable(getattr(strategy, "results", None)):  # a method's own diagnostics (e.g. MOS's task retrieval)
             results["strategy"] = strategy.results()
         events({"event": "run_end", "iteration": position.iteration, "metrics": results["metrics"],

@@ -76,17 +76,18 @@ class CrashingSeqLoRA(Crash, SeqLoRA):
 
 
 class NaNLoss(ER):
-    """ER whose loss turns NaN at step `at`."""
+    """ER whose loss turns NaN at step `at` (only while the learning rate is above `max_lr`, if given)."""
 
-    def __init__(self, *args, at: int = 3, **kwargs):
+    def __init__(self, *args, at: int = 3, max_lr: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.at = at
+        self.at, self.max_lr = at, max_lr
         self.steps = 0
 
     def training_step(self, batch):
         self.steps += 1
         loss = super().training_step(batch)
-        return loss * torch.tensor(float("nan")) if self.steps >= self.at else loss
+        too_high = self.max_lr is None or self.optimizer.param_groups[0]["lr"] > self.max_lr
+        return loss * torch.tensor(float("nan")) if self.steps >= self.at and too_high else loss
 
 
 def train_experience(strategy, exp, steps: int, batch_size: int = 4) -> None:

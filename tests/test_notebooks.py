@@ -6,6 +6,10 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
+from omegaconf import OmegaConf
+
+from tests.conftest import compose
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 
@@ -29,6 +33,29 @@ def test_stability_gap_notebook(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / "first_experience.png").is_file()
     table = nb.cells[-1].outputs[0]["data"]["text/plain"]
     assert "ER" in table and "Finetune" in table and "min_acc" in table
+    # run again: the runs of the same configuration are reused
+    again = execute("stability_gap.ipynb", tmp_path)
+    printed = "".join(o.get("text", "") for o in again.cells[2].outputs)
+    assert printed.count("using the run in") == 2 and "running:" not in printed
+
+
+def test_stability_gap_notebook_refuses_runs_of_another_configuration(tmp_path, monkeypatch):
+    """A results.json made with other settings than the notebook asks for is refused, naming the keys."""
+    runs = tmp_path / "runs"
+    monkeypatch.setenv("CL_NOTEBOOK_RUNS", str(runs))
+    monkeypatch.setenv("CL_NOTEBOOK_ARGS", "debug=smoke")
+    other = runs / "finetune"
+    other.mkdir(parents=True)
+    cfg = compose(["strategy=finetune", "evaluation.every=1", "logger.console=false", "debug=smoke", "seed=3",
+                   "optimizer.lr=0.5"])
+    (other / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (other / "results.json").write_text("{}")
+    with pytest.raises(CellExecutionError) as failed:
+        execute("stability_gap.ipynb", tmp_path)
+    message = str(failed.value)
+    assert "UserError" in message and "another configuration" in message
+    assert "it differs at optimizer.lr, seed)" in message
+    assert not (runs / "er").exists()  # it stopped before running anything
 
 
 def test_compare_sweep_notebook(tmp_path, monkeypatch):

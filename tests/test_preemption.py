@@ -67,5 +67,5 @@ def test_a_signalled_run_resumes_to_the_uninterrupted_numbers(sig, reference, tm
 
     if sig == signal.SIGTERM:  # another run pointed at this folder is refused, naming what differs
         other = cli(ARGS + ["seed=5", f"hydra.run.dir={out}"])
-        assert other.returncode == 2 and "holds a checkpoint of another run" in other.stderr
+        assert other.returncode == 2 and "holds another run" in other.stderr
         assert "seed" in other.stderr

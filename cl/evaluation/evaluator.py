@@ -29,6 +29,9 @@ greedy generations with each task's metric (`stream.generative_scorer` through t
 strategy's `generate`); the stream's retention probe records the base model's
 answers in `initial()` and scores agreement with them at every experience end.
 
+Each pass reports its batches to the run's logger (`RunLogger.progress`), so the
+console shows a bar for a pass that takes more than a few seconds (`ConsoleLogger`).
+
 `budget` caps the share of wall time spent in continual evaluation: when the
 share exceeds it, the period doubles. The periods used are in results.json.
 
@@ -49,7 +52,7 @@ from __future__ import annotations
 import copy
 import time
 from array import array
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Callable
 
 import torch
@@ -189,9 +192,21 @@ class Evaluator:
 
         return autocast(self.device, self.precision)
 
-    def accuracy(self, j: int, data: TensorData, full: bool = False) -> tuple[float, float | None]:
+    def progress(self, description: str, total: int):
+        """A context yielding `advance(n=1)` for each batch: the run's logger shows slow passes."""
+        progress = getattr(self.log, "progress", None)
+        return progress(description, total) if progress is not None else nullcontext(lambda n=1: None)
+
+    def num_batches(self, data: TensorData) -> int:
+        """Batches this rank scores of `data` (every world-th one)."""
+        n = -(-len(data) // self.batch_size)
+        return len(range(distributed.rank(), n, distributed.world()))
+
+    def accuracy(self, j: int, data: TensorData, full: bool = False,
+                 advance: Callable[[], None] = lambda: None) -> tuple[float, float | None]:
         """(task-agnostic accuracy, task-aware accuracy or None) of the current model on `data`.
-        Instruction streams score generations at full evaluations (`stream.generative_scorer`)."""
+        Instruction streams score generations at full evaluations (`stream.generative_scorer`).
+        `advance` is called after each batch."""
         generative = self.stream.generative_scorer if full else None
         classes = torch.tensor(self.stream[j].classes, device=self.device)
         correct = correct_aware = 0
@@ -209,21 +224,26 @@ class Evaluator:
                     c, ca = self.scorer(self.strategy.predict(batch), batch, classes, self.task_aware_available)
             correct += c
             correct_aware += ca
+            advance()
         correct, correct_aware = distributed.all_sum([correct, correct_aware], self.device)
         n = max(len(data), 1)
         return correct / n, (correct_aware / n if self.task_aware_available else None)
 
     def _evaluate(self, which: list[int], full: bool, iteration: int, training_exp: int) -> list[tuple]:
-        out = []
-        with eval_mode(self.strategy.model):
-            for j in which:
-                data = self.data[j]
-                if not full:
-                    if self.resample and len(data) > self.subset_size:
-                        data = data.subset(torch.randperm(len(data), generator=self.generator)[: self.subset_size])
-                    elif self.subsets[j] is not None:
-                        data = self.subsets[j]
-                acc, acc_aware = self.accuracy(j, data, full)
+        out, datas = [], []
+        for j in which:
+            data = self.data[j]
+            if not full:
+                if self.resample and len(data) > self.subset_size:
+                    data = data.subset(torch.randperm(len(data), generator=self.generator)[: self.subset_size])
+                elif self.subsets[j] is not None:
+                    data = self.subsets[j]
+            datas.append(data)
+        what = ("continual evaluation" if not full else "evaluating the untrained model" if training_exp < 0
+                else f"evaluating after experience {training_exp + 1}/{len(self.stream)}")
+        with eval_mode(self.strategy.model), self.progress(what, sum(map(self.num_batches, datas))) as advance:
+            for j, data in zip(which, datas):
+                acc, acc_aware = self.accuracy(j, data, full, advance)
                 out.append((acc, acc_aware))
                 event = {"event": "eval", "iteration": iteration, "experience": training_exp,
                          "eval_experience": j, "accuracy": acc, "n": len(data), "full": full}
@@ -307,8 +327,9 @@ class Evaluator:
         """The retention probe of instruction streams: base answers first, then agreement with them."""
         if self.stream.probe is None:
             return
-        with eval_mode(self.strategy.model):
-            agreement = self.stream.probe.measure(self.strategy, self.device)
+        probe = self.stream.probe
+        with eval_mode(self.strategy.model), self.progress("retention probe", probe.num_batches) as advance:
+            agreement = probe.measure(self.strategy, self.device, advance)
         if agreement is not None:
             self.log({"event": "retention", "iteration": iteration, "experience": i, "agreement": agreement,
                       "exact_agreement": self.stream.probe.exact[-1]})

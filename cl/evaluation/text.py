@@ -84,15 +84,21 @@ class RetentionProbe:
         self.exact: list[float] = []
         self.last: list[str] | None = None  # the latest answers, to read beside the base ones
 
-    def answers(self, strategy, device) -> list[str]:
+    @property
+    def num_batches(self) -> int:
+        return -(-len(self.prompts) // self.batch_size)
+
+    def answers(self, strategy, device, advance=lambda: None) -> list[str]:
         out: list[str] = []
         for batch in self.prompts.batches(self.batch_size):
             out += strategy.generate(batch.to(device), self.max_new_tokens)
+            advance()
         return out
 
-    def measure(self, strategy, device) -> float | None:
-        """The first call records the base answers; later ones score agreement with them."""
-        answers = self.answers(strategy, device)
+    def measure(self, strategy, device, advance=lambda: None) -> float | None:
+        """The first call records the base answers; later ones score agreement with them.
+        `advance` is called after each batch of prompts."""
+        answers = self.answers(strategy, device, advance)
         if self.reference is None:
             self.reference = answers
             return None

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import contextmanager
 
 log = logging.getLogger("cl")
 
@@ -30,11 +31,30 @@ class RunLogger:
     def elapsed(self) -> float:
         return self.time_offset + time.perf_counter() - self.start
 
-    def step(self, n: int = 1) -> None:
+    def _each(self, method: str, *args) -> None:
         for sink in self.sinks:
-            step = getattr(sink, "step", None)
-            if step is not None:
-                step(n)
+            fn = getattr(sink, method, None)
+            if fn is not None:
+                fn(*args)
+
+    def step(self, n: int = 1) -> None:
+        """A training iteration: the console's bar advances, metrics.jsonl flushes if it is due."""
+        self._each("step", n)
+        self._each("tick")
+
+    @contextmanager
+    def progress(self, description: str, total: int):
+        """An evaluation pass of `total` batches; yields `advance(n=1)`, called after each batch.
+        The console shows a bar for a slow pass; metrics.jsonl flushes if it is due."""
+        def advance(n: int = 1) -> None:
+            self._each("advance_pass", n)
+            self._each("tick")
+
+        self._each("start_pass", description, total)
+        try:
+            yield advance
+        finally:
+            self._each("end_pass")
 
     def flush(self) -> None:
         for sink in self.sinks:
