@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -101,6 +102,16 @@ def print_summary(results: dict, run_dir: Path) -> None:
     console.print(f"Run folder: [bold]{run_dir}[/bold]")
 
 
+def say(sentence: str) -> None:
+    """Print the one sentence on stderr (rank 0 only). Under torchrun every rank also leaves it in its
+    error file, so torchrun's failure report shows it as the root cause instead of a traceback hint."""
+    if distributed.is_main() and os.environ.get("RANK", "0") == "0":  # RANK: torchrun's, before the group is joined
+        print(sentence, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        Path(error_file).write_text(json.dumps({"message": sentence, "timestamp": int(time.time())}))
+
+
 def save_hydra_files(run_dir: Path) -> None:
     """Hydra's record of the command (`.hydra/hydra.yaml`, `overrides.yaml`), written once the run
     starts (Hydra's own writing is off: it would overwrite the files of a run it then refuses)."""
@@ -173,9 +184,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
     except UserError as e:
         if isinstance(e, Diverged):
             e = UserError(f"{e}; {retry_advice(cfg, run_dir)}")
-        where = f"[rank {distributed.rank()}] " if distributed.rank() else ""
         job = f"[job {HydraConfig.get().job.num}] " if multirun else ""
-        print(f"{where}{job}error: {e}", file=sys.stderr)
+        say(f"{job}error: {e}")
         own = state in ("fresh", "checkpoint") or (state is None and not (run_dir / "config.yaml").exists())
         if multirun:
             # one failed job must not stop the sweep: record it in its own folder (never in another
@@ -361,7 +371,7 @@ def main() -> None:
                 NEW_FOLDERS[:] = [p for p in [*reversed(target.absolute().parents), target.absolute()]
                                   if not p.exists()]
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}")
         sys.exit(EXIT_BAD_INPUT)
     sys.argv = [sys.argv[0], *join_torchrun(argv)]
     if sweep is not None:

@@ -1,6 +1,8 @@
-"""`python -m cl.report <folders...>`: the two-phase report (Cha & Cho).
+"""`python -m cl.report <folders...>`: the table of a sweep, or the two-phase report (Cha & Cho).
 
-Reads every finished run under the folders. Per strategy: the configuration the
+Reads every finished run under the folders. Runs of an ordinary sweep (phase=all): one row per
+configuration (the settings that vary), each metric as mean ± std over its seeds. Runs of the
+two-phase protocol, per strategy: the configuration the
 evaluation phase ran (the tuning runs it recorded in `tuning.selected_runs`, chosen by
 `tuning.metric`), its tuning-phase score (mean ± std of the metric over its seeds)
 against the result of the evaluation phase (mean ± std over its seeds), their ranks
@@ -24,6 +26,7 @@ from scipy.stats import kendalltau
 from cl.analysis import find_runs, flatten
 from cl.errors import UserError
 from cl.evaluation.metrics import direction
+from cl.protocol import load_job
 
 SEED_KEYS = ("seed", "scenario.class_order_seed", "strategy.seed", "tuning.from")
 
@@ -31,12 +34,11 @@ SEED_KEYS = ("seed", "scenario.class_order_seed", "strategy.seed", "tuning.from"
 def _runs(folders) -> pd.DataFrame:
     rows = []
     for run in find_runs(folders):
-        if not (run / "results.json").is_file():
+        job = load_job(run)  # the config it ran with, checked against its results' fingerprint
+        if job is None:
             continue
-        res = json.loads((run / "results.json").read_text())
-        composed = run / ".hydra" / "config.yaml"
-        cfg = OmegaConf.to_container(OmegaConf.load(composed if composed.is_file() else run / "config.yaml"))
-        flat = flatten(cfg)
+        res = job.results
+        flat = flatten(OmegaConf.to_container(job.config))
         identity = json.dumps({k: repr(v) for k, v in flat.items() if k not in SEED_KEYS and not k.startswith("tuning.")},
                               sort_keys=True)
         tuning = (OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True) or {}).get("tuning") or {}
@@ -105,13 +107,27 @@ def _phase1(strategy: str, tune: pd.DataFrame, evaluate: pd.DataFrame, metric: s
     return chosen, _varied(list(tune["flat"]), chosen["flat"].iloc[0]) + note
 
 
-def report(folders, metric: str = "average_incremental_accuracy") -> str:
-    runs = _runs(folders)
-    if runs.empty:
-        raise UserError(f"No finished run under {', '.join(map(str, folders))}; pass tuning and evaluation multirun folders.")
-    if metric not in runs:
-        raise UserError(f"No run reports '{metric}'; use --metric with one of the metrics in results.json.")
-    mode = direction(metric)
+# the columns of a sweep report, when the runs have them
+SWEEP_METRICS = ("average_incremental_accuracy", "final_average_accuracy", "forgetting", "bwt", "min_acc", "wc_acc", "wf_10")
+
+
+def sweep_report(runs: pd.DataFrame, metric: str, mode: str) -> list[str]:
+    """Any sweep: one row per configuration (the settings that vary between the runs), each metric as
+    mean ± std over its seeds, best `metric` first."""
+    columns = [m for m in dict.fromkeys((metric, *SWEEP_METRICS)) if m in runs]
+    lines = [f"# Sweep report ({len(runs)} runs; %, mean ± std over seeds; best {metric} first)", "",
+             "| strategy | configuration | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    rows = []
+    for _, group in runs.groupby("identity", sort=False):
+        first = group.iloc[0]
+        config = _varied(list(runs["flat"]), first["flat"])
+        rows.append((group[metric].mean(), f"| {first['strategy']} | {config} | "
+                     + " | ".join(_fmt(group[m]) for m in columns) + " |"))
+    rows.sort(key=lambda r: (pd.isna(r[0]), -r[0] if mode == "max" else r[0]))
+    return lines + [line for _, line in rows]
+
+
+def two_phase_report(runs: pd.DataFrame, metric: str, mode: str) -> list[str]:
     lines = [f"# Two-phase report ({metric}, %, {'higher' if mode == 'max' else 'lower'} is better)", "",
              "| strategy | phase 1: chosen configuration | phase 1 (tuning pool) | phase 2 (evaluation pool) | rank 1 | rank 2 |",
              "|---|---|---|---|---|---|"]
@@ -138,14 +154,31 @@ def report(folders, metric: str = "average_incremental_accuracy") -> str:
                       "(1: same order, -1: reversed)."]
     else:
         lines += ["", "Kendall τ needs at least two strategies with both phases."]
-    lines += ["", "Phase 2 is the result: the configuration chosen on the tuning pool, run unchanged on the disjoint evaluation pool."]
-    return "\n".join(lines) + "\n"
+    return lines + ["", "Phase 2 is the result: the configuration chosen on the tuning pool, run unchanged on the "
+                        "disjoint evaluation pool."]
+
+
+def report(folders, metric: str = "average_incremental_accuracy") -> str:
+    """The two-phase report of the runs with a phase, and the sweep report of the others."""
+    runs = _runs(folders)
+    if runs.empty:
+        raise UserError(f"No finished run under {', '.join(map(str, folders))}; pass run, sweep or two-phase folders.")
+    if metric not in runs:
+        raise UserError(f"No run reports '{metric}'; use --metric with one of the metrics in results.json.")
+    mode = direction(metric)
+    phased = runs["phase"].isin(["tuning", "evaluation"])
+    parts = []
+    if phased.any():
+        parts.append(two_phase_report(runs[phased], metric, mode))
+    if (~phased).any():
+        parts.append(sweep_report(runs[~phased], metric, mode))
+    return "\n\n".join("\n".join(p) for p in parts) + "\n"
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m cl.report", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folders", nargs="+", help="tuning and evaluation (multi)run folders")
+    ap.add_argument("folders", nargs="+", help="run, sweep, or tuning and evaluation folders")
     ap.add_argument("--metric", default="average_incremental_accuracy")
     ap.add_argument("--out", help="also write the markdown here")
     args = ap.parse_args(argv)

@@ -75,6 +75,10 @@ def test_two_processes_train_what_one_process_trains(case, tmp_path):
         # a 2-process run resumes with 2 processes, not 1
         r = cli([f"resume={tmp_path / 'ddp'}"])
         assert r.returncode == 2 and "torchrun --nproc_per_node=2" in r.stderr, r.stderr[-2000:]
+        # and not with 3: torchrun's failure report names the sentence as the root cause
+        r = torchrun([f"resume={tmp_path / 'ddp'}"], nproc=3)
+        root_cause = r.stderr[r.stderr.index("Root Cause"):]
+        assert r.returncode != 0 and "traceback : error: The run being resumed trained on 2 process(es)" in root_cause
 
 
 def _collectives(rank: int, world: int, port: int, out) -> None:

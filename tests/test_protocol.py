@@ -198,3 +198,19 @@ def test_optuna_direction_follows_the_objective():
             cfg = hydra_compose("config", overrides=["hydra/sweeper=tuning", f"objective={objective}"],
                                 return_hydra_config=True)
             assert cfg.hydra.sweeper.direction == expected
+
+
+def test_report_of_an_ordinary_sweep_has_one_row_per_configuration(tmp_path):
+    """Runs without a phase (any sweep): one row per configuration, mean ± std over its seeds, best first."""
+    for (strategy, lr), values in TUNING.items():
+        for seed, (f, a) in enumerate(values):
+            fake_run(tmp_path / f"{strategy}_{lr}_{seed}", "all", strategy, lr, seed,
+                     {"forgetting": f, "average_incremental_accuracy": a})
+    lines = report([tmp_path]).splitlines()
+    rows = [line for line in lines if line.startswith("| ER") or line.startswith("| Finetune")]
+    assert "Sweep report (8 runs" in lines[0] and len(rows) == 4
+    assert rows[0].startswith("| ER | optimizer.lr=0.01, strategy._target_=strategies.ER | 71.00 ± 1.00 (n=2) | 31.00 ± 1.00")
+    assert rows[-1].startswith("| Finetune | optimizer.lr=0.1, strategy._target_=strategies.Finetune | 40.00 ± 0.00 (n=2)")
+    assert "n/a" not in "\n".join(rows)
+    lowest = report([tmp_path], "forgetting").splitlines()
+    assert [line for line in lowest if line.startswith("| ")][1].startswith("| ER | optimizer.lr=0.1,")
