@@ -37,9 +37,9 @@ def test_a_refused_command_touches_no_run_folder_and_creates_none(tmp_path):
 
     for other in (["seed=3"], ["optimizer.lr=0.5"]):  # another run pointed at a finished run's folder
         r = cli(["debug=smoke", *other, f"hydra.run.dir={run}"])
+        assert snapshot(run) == before
         assert r.returncode == 2 and f"{run} holds another run" in last_line(r), r.stderr[-2000:]
         assert other[0].split("=")[0].split(".")[-1] in last_line(r)
-        assert snapshot(run) == before
 
     again = cli(["debug=smoke", f"hydra.run.dir={run}"])  # the same run again: nothing to do
     assert again.returncode == 0 and "finished before; nothing was run again" in again.stdout
