@@ -118,9 +118,11 @@ def build(cfg: DictConfig, group: str, **kwargs):
         if not bad:
             raise
         where = re.search(r"full_key: ([\w.]+)", str(e))
+        called = re.search(r"target '([\w.]+)'", str(e))
         node = OmegaConf.select(cfg, where.group(1) if where else group)
-        node, found = _holder(OmegaConf.to_container(node, resolve=False), bad.group(1), where.group(1) if where else group)
-        target = found.get("_target_") or cfg[group].get("_target_", group)
+        plain = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_dict(node) else {}
+        node, found = _holder(plain, bad.group(1), where.group(1) if where else group)
+        target = found.get("_target_") or (called.group(1) if called else group)
         try:
             from hydra._internal.utils import _locate
 
@@ -148,13 +150,14 @@ def _first_value(o) -> str:
 
 
 def _compose(overrides: list[str]) -> DictConfig:
+    """The config with Hydra's node (where the run or sweep folder is)."""
     from hydra import compose, initialize_config_dir
 
     from cl.cli import register_resolvers  # here: cl.cli imports this module
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides)
+        return compose("config", overrides=overrides, return_hydra_config=True)
 
 
 def _missing_key(error: Exception) -> str | None:
@@ -169,16 +172,17 @@ def _missing_key(error: Exception) -> str | None:
     return found.group(1) if found else None
 
 
-def check_overrides(argv: list[str]) -> None:
+def check_overrides(argv: list[str]) -> DictConfig:
     """Command-line keys that do not exist, keys added with + that nothing reads, and the values
     `check_config` refuses: refused before Hydra starts (and writes anything). Sweeps are checked
-    on their first value."""
+    on their first value. Returns that config, with Hydra's node."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import ConfigCompositionException, HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     parser = OverridesParser.create()
     overrides = []  # (parsed override, the override with one value)
+    hydra_overrides = []  # not checked here, but they say where the run goes
     for arg in argv:
         if arg.startswith("-") or ("=" not in arg and not arg.startswith("~")):
             continue
@@ -187,7 +191,12 @@ def check_overrides(argv: list[str]) -> None:
         except HydraException as e:
             raise UserError(f"Cannot read the override {arg!r} ({str(e).splitlines()[0]}); "
                             "quote values with special characters, e.g. 'key=\"a b\"'.") from None
-        if o.is_hydra_override() or o.key_or_group in ("hydra", "resume"):
+        if o.is_hydra_override() or o.key_or_group == "hydra":
+            if not o.is_sweep_override():
+                hydra_overrides.append(arg)
+            continue
+        if o.key_or_group == "resume":
+            hydra_overrides.append(arg)
             continue
         if o.value_type is not None and o.value_type.name == "GLOB_CHOICE_SWEEP":
             continue
@@ -195,7 +204,7 @@ def check_overrides(argv: list[str]) -> None:
     bad = None
     while True:  # drop each override naming a missing key (keeping the first), to list the valid keys
         try:
-            cfg = _compose([arg for _, arg in overrides])
+            cfg = _compose([*hydra_overrides, *(arg for _, arg in overrides)])
             break
         except ConfigCompositionException as e:
             key = _missing_key(e)
@@ -203,10 +212,11 @@ def check_overrides(argv: list[str]) -> None:
             if key is None or len(rest) == len(overrides):
                 raise UserError(" ".join(str(e).split())) from None
             bad, overrides = bad or key, rest
+    task = {k: v for k, v in OmegaConf.to_container(cfg, resolve=False).items() if k != "hydra"}
+    keys = dotted_keys(task)
     if bad:
-        raise not_a_setting(bad, dotted_keys(OmegaConf.to_container(cfg, resolve=False)))
-    keys = dotted_keys(OmegaConf.to_container(cfg, resolve=False))
-    text = OmegaConf.to_yaml(cfg)
+        raise not_a_setting(bad, keys)
+    text = OmegaConf.to_yaml(OmegaConf.create(task))
     for o, _ in overrides:  # a new top-level key (+foo=1) that no interpolation reads
         key = o.key_or_group
         added = (o.is_add() or o.is_force_add()) and o.package is None and not re.search(r"[./]", key)
@@ -216,6 +226,7 @@ def check_overrides(argv: list[str]) -> None:
         check_config(cfg)
     except OmegaConfBaseException:  # an interpolation that only resolves inside the run: the run checks it
         pass
+    return cfg
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -235,7 +246,7 @@ def check_config(cfg: DictConfig) -> None:
     Trainer(**trainer)  # its own type and range checks, one sentence each
     taken_from_the_run = ("self", "stream", "strategy", "log", "seed", "device", "precision")
     evaluation = _settings(cfg, "evaluation", [p for p in parameters(Evaluator) if p not in taken_from_the_run])
-    for name, low in (("every", 0), ("subset", 1), ("batch_size", 1)):
+    for name, low in (("every", 0), ("subset", 1), ("batch_size", 1)):  # as the Evaluator does, before data load
         value = evaluation.get(name, low)
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             kind = "a non-negative" if low == 0 else "a positive"

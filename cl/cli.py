@@ -238,23 +238,6 @@ def check_writable(target: Path, key: str) -> None:
                         f"{key}=<dir>.") from None
 
 
-def compose(argv: list[str]) -> DictConfig:
-    """The config (with Hydra's node) that `argv` gives, with the first value of each sweep: what
-    main() checks before Hydra starts. Bad keys were refused by check_overrides already."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    first = []
-    for o in OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")]):
-        if not o.is_sweep_override():
-            first.append(o.input_line)
-        elif o.is_discrete_sweep():
-            first.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=first, return_hydra_config=True)
-
-
 SWEEP_FILE = "sweep.yaml"  # in a sweep folder: the command that defines the sweep, and how it ended
 LAUNCH_KEYS = ("hydra/launcher", "hydra.launcher.")  # how a sweep runs, not what it runs
 
@@ -353,9 +336,8 @@ def main() -> None:
     try:
         if not informational:
             check_group_choices(argv)
-            check_overrides(argv)
+            cfg = check_overrides(argv)  # composed with the first value of each sweep, and Hydra's node
             check_tuning_folder(argv)
-            cfg = compose(argv)
             if multirun:
                 argv, sweep = prepare_sweep(argv, cfg)
                 check_writable(sweep, "resume" if cfg.get("resume") else "hydra.sweep.dir")

@@ -12,6 +12,8 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from cl.errors import UserError
+
 
 @dataclass
 class Batch:
@@ -257,6 +259,16 @@ class Stream:
     # instruction streams: scores generations at full evaluations, (strategy, batch, experience) -> score sum
     generative_scorer: Callable | None = None
     probe: object = None  # instruction streams: a cl.evaluation.text.RetentionProbe (general prompts)
+
+    def __post_init__(self):
+        """A stream that trains on nothing would report the untrained model as the result: refuse it."""
+        if not self.experiences:
+            raise UserError(f"The stream {self.name} has no experiences; give the scenario data to split.")
+        for e in self.experiences:
+            if len(e.train) == 0:
+                raise UserError(f"Experience {e.index} ({e.name or e.classes}) of {self.name} has no training samples; "
+                                "give the scenario training data for it (its train files, or less held out by "
+                                "scenario.validation).")
 
     def __iter__(self) -> Iterator[Experience]:
         return iter(self.experiences)

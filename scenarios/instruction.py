@@ -134,23 +134,36 @@ def generate_examples(name: str, n: int, seed: int) -> list[tuple[str, str, str]
     return out  # the task has fewer distinct items than asked for
 
 
-def _read_records(path: Path) -> list[dict]:
+def _read_records(path: Path) -> list[tuple[str, dict]]:
+    """The records of a JSON list (or {"data": [...]}) or a JSONL file, each with where it is:
+    `line n` (JSONL, lines counted from 1, blank lines included) or `record at index i` (JSON)."""
     if not path.is_file():
         raise UserError(f"Instruction file {path} does not exist; fix the task's path/train/test entry.")
     text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid {'JSONL' if path.suffix == '.jsonl' else 'JSON'} (line {e.lineno}); "
-                        "fix the file or convert it to one record per line with .jsonl.") from None
-    if isinstance(data, dict):  # {"data": [...]} or similar: the one list inside
-        lists = [v for v in data.values() if isinstance(v, list)]
-        data = lists[0] if len(lists) == 1 else data
-    if not isinstance(data, list):
-        raise UserError(f"{path} holds no list of records; expected [{{...}}, ...] or one JSON object per line.")
-    return data
+    if path.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append((f"line {n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {n} is not valid JSON ({e.msg}); fix that line "
+                                    "(JSONL holds one JSON object per line).") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); fix the file or convert it to "
+                            "one record per line with .jsonl.") from None
+        if isinstance(data, dict):  # {"data": [...]} or similar: the one list inside
+            lists = [v for v in data.values() if isinstance(v, list)]
+            data = lists[0] if len(lists) == 1 else data
+        if not isinstance(data, list):
+            raise UserError(f"{path} holds no list of records; expected [{{...}}, ...] or one JSON object per line.")
+        records = [(f"record at index {i}", r) for i, r in enumerate(data)]
+    if not records:
+        raise UserError(f"{path} holds no records; add examples to it (a task needs train and test examples).")
+    return records
 
 
 def _find_split(folder: Path, split: str) -> Path:
@@ -162,22 +175,39 @@ def _find_split(folder: Path, split: str) -> Path:
     raise UserError(f"No {split} file under {folder}; expected {names[0]}.json or {names[0]}.jsonl there.")
 
 
-def _mapped(records: list[dict], fields: dict, where: str) -> list[tuple[str, str, str]]:
+def _mapped(records: list[tuple[str, dict]], fields: dict, where: str) -> list[tuple[str, str, str]]:
+    """(input, instruction, output) of each record through `fields`. A field the mapping reads that is
+    missing or null, an empty output and an empty prompt (input and instruction) are refused."""
     out = []
-    for k, r in enumerate(records):
+    for at, r in records:
+        if not isinstance(r, dict):
+            raise UserError(f"{where} {at} is not a JSON object ({type(r).__name__}); each record must be "
+                            "{\"instruction\": ..., \"input\": ..., \"output\": ...} or the fields scenario.fields names.")
+
         def get(key):
             name = fields.get(key)
             if name is None:
                 return ""
             if name not in r:
-                raise UserError(f"Record {k} of {where} has no field {name!r} (scenario fields.{key}); "
+                raise UserError(f"{where} {at} has no field {name!r} (scenario fields.{key}); "
                                 f"its fields are {sorted(r)[:8]}; set fields.{key} to one of them.")
+            if r[name] is None:
+                raise UserError(f"{where} {at} has {name}: null (scenario fields.{key}); give it a value or "
+                                "remove the record.")
             return str(r[name])
-        out.append((get("input"), get("instruction"), get("output")))
+
+        example = (get("input"), get("instruction"), get("output"))
+        if not example[2].strip():
+            raise UserError(f"{where} {at} has an empty {fields.get('output')!r} (scenario fields.output), so it "
+                            "teaches nothing; give it an answer or remove the record.")
+        if not (example[0] + example[1]).strip():
+            named = " and ".join(repr(fields[k]) for k in ("input", "instruction") if fields.get(k))
+            raise UserError(f"{where} {at} has an empty prompt ({named}); give it an instruction or remove the record.")
+        out.append(example)
     return out
 
 
-def _hub_records(task: dict, split: str) -> list[dict]:
+def _hub_records(task: dict, split: str) -> list[tuple[str, dict]]:
     try:
         import datasets
     except ImportError:
@@ -187,7 +217,7 @@ def _hub_records(task: dict, split: str) -> list[dict]:
     except Exception as e:  # noqa: BLE001 - offline, missing or private datasets all get one answer
         raise UserError(f"Could not load the hub dataset {task['hub']} ({type(e).__name__}); on an offline machine "
                         "download it elsewhere and point the task at local files with path: <folder>.") from None
-    return [dict(r) for r in ds]
+    return [(f"record at index {i}", dict(r)) for i, r in enumerate(ds)]
 
 
 def load_task(task: dict, fields: dict, seed: int, n_train: int | None, n_test: int | None):

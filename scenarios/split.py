@@ -114,21 +114,38 @@ def class_split(
         raise UserError(f"scenario.setting={setting} is not a class-split setting; choose one of {SETTINGS}.")
     if increment <= 0 or base < 0:
         raise UserError(f"scenario.increment must be > 0 and scenario.base >= 0 (got {increment}, {base}).")
+    if not 0 <= validation < 1:
+        raise UserError(f"scenario.validation must be a fraction in [0, 1) of each class's train samples, "
+                        f"got {validation}; e.g. scenario.validation=0.1 (0: no validation split).")
     available = pool_classes(dataset.num_classes, pool, pools)
+    of = f"of pool {pool}" if pool else f"of {dataset.name}"
     if class_order is not None:
         order = [int(c) for c in class_order]
         if sorted(order) != sorted(available):
-            raise UserError(
-                f"scenario.class_order must be a permutation of the {len(available)} classes "
-                f"{'of pool ' + pool if pool else 'of the dataset'}; it has {len(order)} entries "
-                f"({len(set(order))} distinct)."
-            )
+            unknown = sorted(set(order) - set(available))
+            repeated = sorted({c for c in order if order.count(c) > 1})
+            missing = sorted(set(available) - set(order))
+            problems = []
+            if unknown:
+                problems.append(f"{_ids(unknown)} {'is not a class' if len(unknown) == 1 else 'are not classes'} {of}")
+            if repeated:
+                problems.append(f"{_ids(repeated)} repeated")
+            if missing:
+                problems.append(f"{_ids(missing)} missing")
+            raise UserError(f"scenario.class_order must be a permutation of the {len(available)} classes {of} "
+                            f"({_ids(available)}): {', '.join(problems)}.")
         class_order_seed = None
     else:
         order = seeded_class_order(available, class_order_seed)
     n = len(order)
     first = base or increment
-    if first > n or (n - first) % increment:
+    if first > n and base:
+        raise UserError(f"scenario.base={base} is more than the {n} classes {of}; choose scenario.base from 0 to {n} "
+                        "(0: the first experience has scenario.increment classes too).")
+    if first > n:
+        raise UserError(f"scenario.increment={increment} is more than the {n} classes {of}; "
+                        f"e.g. scenario.increment={_divisors_hint(n)}.")
+    if (n - first) % increment:
         raise UserError(
             f"B{base}Inc{increment} does not divide the {n} classes: (classes - base) must be a multiple of "
             f"the increment; e.g. scenario.increment={_divisors_hint(n - base if 0 < base < n else n)}."
@@ -179,6 +196,13 @@ def class_split(
         batch_size=batch_size,
         info={"dataset": dataset.name, "pool": pool, "validation": validation, **(info or {})},
     )
+
+
+def _ids(ids: list[int]) -> str:
+    """Class ids in a sentence: `0-9`, or the list (the first 10)."""
+    if len(ids) > 2 and ids == list(range(ids[0], ids[-1] + 1)):
+        return f"{ids[0]}-{ids[-1]}"
+    return ", ".join(map(str, ids[:10])) + (", ..." if len(ids) > 10 else "")
 
 
 def _divisors_hint(m: int) -> str:

@@ -174,7 +174,7 @@ def test_trace_preset_without_data_or_model_names_both(tmp_path):
 def test_nan_loss_names_the_iteration_and_the_last_good_checkpoint(tmp_path):
     r = cli(["debug=smoke", "strategy._target_=tests.helpers.NaNLoss", "+strategy.at=4", "trainer.checkpoint_every=2",
              f"hydra.run.dir={tmp_path}"])
-    assert_one_sentence(r, "iteration 4", "optimizer.lr", f"last good checkpoint ({tmp_path / 'checkpoints' / 'last.pt'})")
+    assert_one_sentence(r, "iteration 4", "optimizer.lr", f"last good checkpoint: {tmp_path / 'checkpoints' / 'last.pt'}")
 
 
 def test_parameter_a_strategy_does_not_take(tmp_path):
