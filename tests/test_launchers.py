@@ -41,7 +41,7 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_folder(tmp_path):
         assert (job / "checkpoints" / "last.pt").is_file()
 
     # every file belongs to one job: its own folder, or its own submitit log folder (named by its
-    # job id, files prefixed with it); multirun.yaml is written once, by the launching process
+    # job id, files prefixed with it); multirun.yaml and sweep.yaml are written by the launching process
     logs = {}
     for f in (p for p in sweep.rglob("*") if p.is_file()):
         rel = f.relative_to(sweep)
@@ -49,5 +49,5 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_folder(tmp_path):
             assert rel.name.startswith(rel.parts[1] + "_"), rel
             logs.setdefault(rel.parts[1], []).append(rel.name)
         else:
-            assert rel.parts[0] in ("0", "1") or rel.parts == ("multirun.yaml",), rel
+            assert rel.parts[0] in ("0", "1") or rel.parts in (("multirun.yaml",), ("sweep.yaml",)), rel
     assert len(logs) == 2 and all(any(n.endswith("_result.pkl") for n in names) for names in logs.values())
