@@ -89,7 +89,9 @@ def test_old_tasks_are_bit_identical_after_later_tasks_while_shared_bn_finetunin
     assert clr["metrics"]["bwt"] == 0
     assert all(torch.equal(RecordingCLR.logits[0], later) for later in RecordingCLR.logits[1:])
     untrained = sum(clr["initial_accuracy"]) / len(R)  # about 0.5: two classes per task
-    assert sum(R[j][j] for j in range(len(R))) / len(R) > untrained + 0.3  # it learns the tasks
+    # it learns the tasks: the mean diagonal gains 0.375-0.39 over the untrained model on AVX-512, AVX2 (1 thread)
+    # and plain (no SIMD) kernels; the bar, 0.15, is 6 sd of chance on 400 samples
+    assert sum(R[j][j] for j in range(len(R))) / len(R) > untrained + 0.15
 
     ft = run_inprocess(TIL + ["strategy=finetune"], tmp_path / "ft")
     assert ft["metrics"]["bwt"] < -0.05, ft["accuracy_matrix"]

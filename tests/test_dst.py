@@ -79,10 +79,11 @@ def test_bwt_is_zero_old_weights_are_bit_identical_and_density_stays_on_target(t
     for j in range(len(R)):
         assert all(R[i][j] == R[j][j] for i in range(j, len(R))), f"task {j} changed: {[r[j] for r in R]}"
     assert results["metrics"]["bwt"] == 0
-    # and it learns: against the untrained model (about 0.5 per task), the mean diagonal gains 0.39-0.47 over
-    # thread counts and settings (one task of the uniform/random draw lands at 0.6-0.73, so no per-task bar)
+    # and it learns: against the untrained model (about 0.5 per task), the mean diagonal gains 0.40-0.47 over
+    # thread counts, CPU kernels (AVX-512, AVX2) and settings (one task of the uniform/random draw lands at
+    # 0.6-0.73, so no per-task bar); the bar, 0.15, is 6 sd of chance on 400 samples, under half the least gain
     untrained = sum(results["initial_accuracy"]) / len(R)
-    assert sum(R[j][j] for j in range(len(R))) / len(R) > untrained + 0.25
+    assert sum(R[j][j] for j in range(len(R))) / len(R) > untrained + 0.15
     # each task's weights after the last task are bit-identical to those at its own end
     assert len(RecordingDST.merged) == 5
     for j, at_end in enumerate(RecordingDST.merged):

@@ -140,3 +140,18 @@ def test_the_evaluator_reports_its_batches_and_a_disabled_console_shows_nothing(
         ev.initial()
         assert ("evaluating the untrained model" in buf.getvalue()) == enabled
         assert "12/12" in buf.getvalue() if enabled else buf.getvalue() == ""
+
+
+def test_a_progress_display_that_fails_is_switched_off_and_the_pass_goes_on(caplog):
+    class Broken:
+        def log(self, event):
+            pass
+
+        def advance_pass(self, n=1):
+            raise RuntimeError("terminal gone")
+
+    events = RunLogger([Broken()])
+    with events.progress("evaluating", 2) as advance:
+        advance()
+        advance()
+    assert events.sinks == [] and "Broken failed (RuntimeError: terminal gone)" in caplog.text

@@ -54,7 +54,7 @@ def test_stability_gap_notebook_refuses_runs_of_another_configuration(tmp_path, 
         execute("stability_gap.ipynb", tmp_path)
     message = str(failed.value)
     assert "UserError" in message and "another configuration" in message
-    assert "it differs at optimizer.lr, seed)" in message
+    assert "it differs at optimizer.lr, scenario.class_order_seed, seed)" in message  # the order follows the seed
     assert not (runs / "er").exists()  # it stopped before running anything
 
 
@@ -66,3 +66,9 @@ def test_compare_sweep_notebook(tmp_path, monkeypatch):
     assert (tmp_path / "sweep" / "sweep.png").is_file()
     printed = "".join(o.get("text", "") for o in nb.cells[2].outputs)
     assert "6 runs; swept: ['optimizer.lr']" in printed
+
+
+@pytest.mark.parametrize("name", ["stability_gap.ipynb", "compare_sweep.ipynb"])
+def test_the_first_cell_says_the_notebook_runs_full_experiments_unless_smoke(name):
+    first = nbformat.read(NOTEBOOKS / name, as_version=4).cells[0]
+    assert first.cell_type == "markdown" and "full" in first.source and "CL_NOTEBOOK_ARGS=debug=smoke" in first.source

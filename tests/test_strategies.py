@@ -184,5 +184,5 @@ def test_joint_reaches_the_upper_bound_on_split_digits(tmp_path):
     common = ["scenario=split_digits", "model.backbone.hidden=[64]", "trainer.epochs=5", "trainer.batch_size=32"]
     joint = run_inprocess(common + ["strategy=joint"], tmp_path / "joint")
     ft = run_inprocess(common + ["strategy=finetune"], tmp_path / "ft")
-    assert joint["metrics"]["final_average_accuracy"] > 0.85
-    assert ft["metrics"]["final_average_accuracy"] < 0.3
+    # measured: joint 0.87, finetune 0.20 (it keeps only the last of 5 experiences), chance 0.10
+    assert joint["metrics"]["final_average_accuracy"] > ft["metrics"]["final_average_accuracy"] + 0.3

@@ -20,8 +20,9 @@ class _Pass:
 
 
 class ConsoleLogger:
-    """A progress bar per experience (rich), with the running loss. An evaluation pass
-    gets a bar of its own once it has run `eval_delay` seconds (quick ones never show one)."""
+    """A progress bar per experience (rich), with the running loss. On a terminal, an
+    evaluation pass gets a bar of its own once it has run `eval_delay` seconds (quick
+    ones never show one), below the training bar while one is live."""
 
     def __init__(self, console: Console | None = None, enabled: bool = True, eval_delay: float = 2.0):
         self.console = console or Console(stderr=True)
@@ -59,7 +60,7 @@ class ConsoleLogger:
 
     # ---- evaluation passes (RunLogger.progress) ----------------------------------------
     def start_pass(self, description: str, total: int) -> None:
-        if self.enabled:
+        if self.enabled and (self.console.is_terminal or self.console.is_jupyter):  # not in a log file
             self.evaluating = _Pass(description, total, clock())
 
     def advance_pass(self, n: int = 1) -> None:

@@ -18,24 +18,27 @@ class RunLogger:
     def __call__(self, event: dict) -> None:
         event.setdefault("t", round(self.elapsed, 4))
         for sink in list(self.sinks):
-            try:
-                sink.log(event)
-            except Exception as e:  # noqa: BLE001 - a logger must never kill a run
-                if getattr(sink, "essential", False):
-                    raise
-                log.warning("%s failed (%s: %s); it is switched off for the rest of the run.",
-                            type(sink).__name__, type(e).__name__, e)
-                self.sinks.remove(sink)
+            self._call(sink, sink.log, event)
+
+    def _call(self, sink, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - a logger must never kill a run
+            if getattr(sink, "essential", False):
+                raise
+            log.warning("%s failed (%s: %s); it is switched off for the rest of the run.",
+                        type(sink).__name__, type(e).__name__, e)
+            self.sinks.remove(sink)
 
     @property
     def elapsed(self) -> float:
         return self.time_offset + time.perf_counter() - self.start
 
     def _each(self, method: str, *args) -> None:
-        for sink in self.sinks:
+        for sink in list(self.sinks):
             fn = getattr(sink, method, None)
             if fn is not None:
-                fn(*args)
+                self._call(sink, fn, *args)
 
     def step(self, n: int = 1) -> None:
         """A training iteration: the console's bar advances, metrics.jsonl flushes if it is due."""
@@ -57,10 +60,7 @@ class RunLogger:
             self._each("end_pass")
 
     def flush(self) -> None:
-        for sink in self.sinks:
-            flush = getattr(sink, "flush", None)
-            if flush is not None:
-                flush()
+        self._each("flush")
 
     def close(self) -> None:
         failed = None
