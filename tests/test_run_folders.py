@@ -171,7 +171,6 @@ def test_a_read_only_resume_folder_advises_a_copy_that_resumes(tmp_path, monkeyp
     copy = tmp_path / "copy"
     assert f"cp -r {run} <dir>" in advice and "resume=<dir>" in advice
     subprocess.run(["cp", "-r", str(run), str(copy)], check=True)
-    resumed = cli([f"resume={copy}"])
+    resumed = cli([f"resume={copy}"])  # (that a resumed run ends with the uninterrupted numbers: test_preemption)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    reference = cli([*args, f"hydra.run.dir={tmp_path / 'ref'}"])
-    assert reference.returncode == 0 and read_results(copy) == read_results(tmp_path / "ref")
+    assert read_results(copy)["iterations"] > 10 and not (run / "results.json").exists()
