@@ -3,6 +3,7 @@ formats, the default experiment, the run folder a user reads, and bad input."""
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -12,6 +13,36 @@ from cl.errors import UserError
 from tests.conftest import CONF, cli, read_events, read_results, run_inprocess
 
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+REFERENCES = Path(__file__).parent / "reference_results"
+
+
+def float_path() -> dict:
+    """What decides the float results on a CPU: the kernels torch picked and its thread count."""
+    import torch
+
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__}
+
+
+def check_reference(name: str, results: dict) -> None:
+    """The regression guard for refactoring: `results.json` without `provenance` (and the config
+    fingerprint, which holds the test's temporary paths) equals the stored reference exactly on the
+    float path the reference was taken on; on another machine, the protocol, the iteration count and
+    the evaluation sizes must still agree. CL_WRITE_REFERENCES=1 rewrites the references: do it only
+    in a commit that says why the numbers changed."""
+    path = REFERENCES / f"{name}.json"
+    now = {k: v for k, v in results.items() if k not in ("provenance", "config_sha256")}
+    if os.environ.get("CL_WRITE_REFERENCES"):
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps({"float_path": float_path(), "results": now}, indent=1, sort_keys=True) + "\n")
+        return
+    assert path.is_file(), f"no reference for {name}: run its test once with CL_WRITE_REFERENCES=1 and commit {path}"
+    reference = json.loads(path.read_text())
+    if reference["float_path"] == float_path():
+        assert now == reference["results"], f"{name}: results.json differs from {path}"
+    else:
+        for key in ("protocol", "iterations", "eval_sizes"):
+            assert now[key] == reference["results"][key], f"{name}: {key} differs from {path}"
 RUN_FILES = ["config.yaml", "metrics.jsonl", "results.json", "accuracy_matrix.png", "checkpoints/last.pt"]
 
 
@@ -44,6 +75,7 @@ def test_preset_runs_end_to_end_under_smoke(preset, data_root, tmp_path, monkeyp
     run_inprocess([f"experiment={preset}", "debug=smoke", f"data_dir={data_root}"], out)
     results = assert_run_folder(out)
     assert results["protocol"]["seed"] == 0
+    check_reference(f"{preset}_smoke", results)
 
 
 @pytest.mark.parametrize("scenario,extra", [
@@ -88,6 +120,7 @@ def test_default_experiment_er_beats_finetune(tmp_path):
     ft = cli(["strategy=finetune", f"hydra.run.dir={tmp_path / 'ft'}"])
     assert er.returncode == 0 and ft.returncode == 0, er.stderr[-2000:] + ft.stderr[-2000:]
     r_er, r_ft = assert_run_folder(tmp_path / "er"), assert_run_folder(tmp_path / "ft")
+    check_reference("default_experiment", r_er)
     acc_er = r_er["metrics"]["final_average_accuracy"]
     acc_ft = r_ft["metrics"]["final_average_accuracy"]
     print(f"default experiment: ER {acc_er:.4f} vs finetune {acc_ft:.4f}")
