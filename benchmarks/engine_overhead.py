@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cl import engine
+from cl import engine, runtime
 from cl.evaluation import Evaluator
 from cl.loggers import JsonlLogger, RunLogger
 from cl.models import Classifier, ReducedResNet18
@@ -52,7 +52,7 @@ def make_stream(per_class: int):
 
 
 def run_cl(stream, folder: Path) -> torch.nn.Module:
-    engine.seed_everything(SEED)
+    runtime.seed_everything(SEED)
     model = Classifier(lambda input_shape: ReducedResNet18(input_shape, nf=NF), input_shape=(3, 32, 32))
     strategy = ER(model, optimizer=lambda p: torch.optim.SGD(p, lr=LR), mem_size=MEM, replay_batch_size=BATCH, seed=SEED)
     jsonl = JsonlLogger(folder / "metrics.jsonl")
@@ -104,7 +104,7 @@ def run_plain(stream, folder: Path) -> torch.nn.Module:
                 new.bias[: head.out_features].copy_(head.bias)
         head = new
         opt = torch.optim.SGD(list(backbone.parameters()) + list(head.parameters()), lr=LR)
-        perm = torch.randperm(len(exp.train), generator=torch.Generator().manual_seed(engine.epoch_seed(SEED, i, 0)))
+        perm = torch.randperm(len(exp.train), generator=torch.Generator().manual_seed(runtime.epoch_seed(SEED, i, 0)))
         for s in range(0, len(perm), BATCH):
             idx = perm[s:s + BATCH]
             raw, y = exp.train.x[idx], exp.train.y[idx]

@@ -21,7 +21,7 @@ import torch
 
 from cl import engine
 from cl.evaluation import Evaluator
-from cl.evaluation.evaluator import eval_mode
+from cl.runtime import eval_mode
 from cl.loggers import JsonlLogger, RunLogger
 from cl.models import Classifier, ReducedResNet18
 from cl.stream import TensorData

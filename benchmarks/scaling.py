@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from cl import engine
+from cl import engine, runtime
 from cl.evaluation import Evaluator
 from cl.loggers import JsonlLogger, RunLogger
 from cl.models import MLP, Classifier
@@ -56,7 +56,7 @@ def make_stream(tasks: int):
 
 def run(tasks: int, folder: Path) -> dict:
     stream = make_stream(tasks)
-    engine.seed_everything(SEED, device=torch.device("cpu"))
+    runtime.seed_everything(SEED, device=torch.device("cpu"))
     model = Classifier(lambda input_shape: MLP(input_shape, hidden=[32]), input_shape=(1, 8, 8))
     strategy = ER(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.05), mem_size=200, seed=SEED)
     jsonl = JsonlLogger(folder / "metrics.jsonl", truncate_at=0)

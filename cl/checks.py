@@ -153,7 +153,7 @@ def _compose(overrides: list[str]) -> DictConfig:
     """The config with Hydra's node (where the run or sweep folder is)."""
     from hydra import compose, initialize_config_dir
 
-    from cl.cli import register_resolvers  # here: cl.cli imports this module
+    from cl.resolvers import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

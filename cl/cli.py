@@ -11,7 +11,6 @@ import signal
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import hydra
@@ -21,48 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from cl import distributed
 from cl.checks import check_group_choices, check_overrides
+from cl.resolvers import register_resolvers, stamp
 from cl.errors import Diverged, Interrupted, UserError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_BAD_INPUT = 2
 log = logging.getLogger("cl")
-
-
-def _smoke(small, normal, *, _root_):
-    """`${smoke:small,normal}`: `small` under debug=smoke, else `normal`."""
-    return small if _root_.get("smoke") else normal
-
-
-def _run_dir(resume, default):
-    """`hydra.run.dir`: the folder being resumed, else a fresh one."""
-    return resume if resume not in (None, "", "null", "None") else default
-
-
-def _pool(phase):
-    """`scenario.pool` from `phase`: the tuning or evaluation class pool, or everything."""
-    return None if phase in (None, "all") else phase
-
-
-def _stamp():
-    """`${cl.stamp:}`: the run folder's time stamp. Under torchrun every rank uses rank 0's
-    (CL_RUN_STAMP), so all ranks name the same folder."""
-    return os.environ.get("CL_RUN_STAMP") or datetime.now().strftime("%Y-%m-%d_%H-%M-%S_%f")
-
-
-def _direction(metric):
-    """`${cl.direction:${objective}}`: Optuna's direction for a metric (minimize forgetting and WF)."""
-    from cl.evaluation.metrics import direction
-
-    return "minimize" if direction(str(metric)) == "min" else "maximize"
-
-
-def register_resolvers() -> None:
-    for name, fn in (("smoke", _smoke), ("cl.run_dir", _run_dir), ("cl.pool", _pool),
-                     ("cl.direction", _direction)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
-    if not OmegaConf.has_resolver("cl.stamp"):  # cached: one value per process, and copied into launched jobs
-        OmegaConf.register_new_resolver("cl.stamp", _stamp, use_cache=True)
 
 
 register_resolvers()  # at import, so jobs that a launcher runs in other processes have them too
@@ -331,7 +294,7 @@ def main() -> None:
                                       "-sc", "--resolve", "-p", "--package")) for a in argv)
     own_stamp = "CL_RUN_STAMP" not in os.environ
     if own_stamp:
-        os.environ["CL_RUN_STAMP"] = _stamp()  # the checks below and Hydra name the same folder
+        os.environ["CL_RUN_STAMP"] = stamp()  # the checks below and Hydra name the same folder
     sweep = None
     try:
         if not informational:
@@ -380,7 +343,7 @@ def join_torchrun(argv: list[str]) -> list[str]:
     if not distributed.launched():
         return argv
     distributed.init()
-    os.environ["CL_RUN_STAMP"] = distributed.broadcast_object(_stamp())
+    os.environ["CL_RUN_STAMP"] = distributed.broadcast_object(stamp())
     if distributed.rank() > 0:
         argv = argv + ["hydra.output_subdir=null", "hydra/job_logging=none", "hydra/hydra_logging=none"]
     return argv

@@ -16,7 +16,6 @@ with a checkpoint (`Preemption`).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
@@ -31,6 +30,7 @@ from cl import distributed
 from cl.errors import Diverged, Interrupted, UserError, cannot_write
 from cl.evaluation import Evaluator
 from cl.loggers import RunLogger
+from cl.runtime import autocast, epoch_seed
 from cl.stream import Stream
 from cl.strategy import Strategy
 
@@ -81,36 +81,6 @@ class Trainer:
             raise UserError(f"trainer.epochs lists {len(self.epochs)} counts but the stream has more experiences; "
                             "give one per experience.")
         return self.epochs[i]
-
-
-def resolve_device(name: str) -> torch.device:
-    """The device of this process (under torchrun, a CUDA device is the rank's own GPU)."""
-    if name == "auto":
-        return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise UserError(f"trainer.device={name} is not a device; use auto, cpu, cuda or cuda:<index>.") from e
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"trainer.device={name} but this machine has no CUDA GPU; use trainer.device=cpu or auto.")
-    return distributed.local_device(device)
-
-
-def seed_everything(seed: int, deterministic: bool = True, device: torch.device | None = None) -> None:
-    """Seed every generator; `deterministic` asks CUDA for deterministic kernels (CPU kernels
-    are deterministic already, and the switch costs an import of torch's compiler stack)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic and (device is None or device.type == "cuda"):
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
-def epoch_seed(seed: int, experience: int, epoch: int) -> int:
-    return (seed * 1_000_003 + experience * 10_007 + epoch) % 2**62
 
 
 @dataclass
@@ -219,12 +189,6 @@ class Preemption:
         previous = self.previous.get(self.signum)
         if callable(previous) and previous not in (signal.default_int_handler,):
             previous(self.signum, None)
-
-
-def autocast(device: torch.device, precision: str):
-    """`torch.autocast` for bf16/16 precision (training and evaluation), else nothing."""
-    dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def train(

@@ -22,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cl import distributed, engine
+from cl import distributed, engine, runtime
 from cl.checks import build, check_config
 from cl.errors import UserError, cannot_write
 from cl.evaluation import Evaluator
@@ -229,8 +229,8 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
             f"phase={cfg.phase} needs two disjoint pools: use a class-split scenario (scenario.pool follows phase) "
             "or set phase_datasets={tuning: ..., evaluation: ...} with scenario.dataset=${phase_datasets.${phase}}."
         )
-    device = engine.resolve_device(trainer.device)
-    engine.seed_everything(cfg.seed, trainer.deterministic, device)
+    device = runtime.resolve_device(trainer.device)
+    runtime.seed_everything(cfg.seed, trainer.deterministic, device)
     try:
         stream = build(cfg, "scenario", _convert_="all")
     except UserError as e:  # name every missing piece at once (data and offline weights)

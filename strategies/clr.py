@@ -162,7 +162,7 @@ class CLR(Strategy):
             self.best = (acc, self._snapshot(self.experience.index))
 
     def _accuracy(self, data) -> float:
-        from cl.evaluation.evaluator import eval_mode
+        from cl.runtime import eval_mode
 
         correct = 0
         with eval_mode(self.model):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl.evaluation.evaluator import eval_mode
+from cl.runtime import eval_mode
 from cl.stream import Batch, TensorData
 from cl.strategy import Strategy
 

@@ -10,7 +10,7 @@ from torch import nn
 from cl import engine
 from cl.errors import UserError
 from cl.evaluation import Evaluator
-from cl.evaluation.evaluator import eval_mode
+from cl.runtime import eval_mode
 from cl.loggers import RunLogger
 from cl.stream import Experience, Stream, TensorData
 from cl.strategy import Strategy

@@ -52,7 +52,7 @@ from __future__ import annotations
 import copy
 import time
 from array import array
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
@@ -61,6 +61,7 @@ from torch import Tensor
 from cl import distributed
 from cl.errors import UserError
 from cl.evaluation import metrics
+from cl.runtime import autocast, eval_mode
 from cl.stream import Batch, Stream, TensorData
 
 
@@ -78,18 +79,6 @@ def _matrix(rows: list[list[float]]) -> torch.Tensor:
 
 def _rows(saved) -> list:
     return saved.tolist() if isinstance(saved, torch.Tensor) else saved
-
-
-@contextmanager
-def eval_mode(model: torch.nn.Module):
-    states = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        for m, training in states:
-            m.training = training
 
 
 def classification_scores(logits: Tensor, batch: Batch, classes: Tensor, task_aware: bool) -> tuple[int, int]:
@@ -188,8 +177,6 @@ class Evaluator:
     # ---- measuring ----------------------------------------------------------------
     def autocast(self):
         """The run's precision (bf16/16 autocast) for evaluation as for training."""
-        from cl.engine import autocast
-
         return autocast(self.device, self.precision)
 
     def progress(self, description: str, total: int):
