@@ -6,7 +6,7 @@ runs later, batched on the device (`cl.transforms`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -83,10 +83,6 @@ class TensorData:
     def __len__(self) -> int:
         return len(self.y)
 
-    @property
-    def targets(self) -> Tensor:
-        return self.y
-
     def subset(self, indices: Tensor | Sequence[int]) -> "TensorData":
         idx = torch.as_tensor(indices, dtype=torch.long)
         return TensorData(self.x[idx], self.y[idx], self.t[idx])
@@ -132,9 +128,6 @@ class TensorData:
                 idx = order[b * batch_size : (b + 1) * batch_size]
                 x, y, t = self.x[idx], self.y[idx], self.t[idx]
             yield Batch(x=x, y=y, t=t, raw=x)
-
-    def nbytes(self) -> int:
-        return sum(v.element_size() * v.nelement() for v in (self.x, self.y, self.t))
 
 
 class TokenData:
@@ -211,9 +204,6 @@ class TokenData:
         order = torch.randperm(n, generator=_epoch_generator(seed)) if shuffle else torch.arange(n)
         for b in range(start, self.num_batches(batch_size, drop_last), step):
             yield self.collate(order[b * batch_size : (b + 1) * batch_size])
-
-    def nbytes(self) -> int:
-        return sum(s.element_size() * s.nelement() for s in self.seqs)
 
 
 @dataclass
@@ -310,6 +300,3 @@ class Stream:
             "online": self.online,
             **self.info,
         }
-
-    def replace(self, **changes) -> "Stream":
-        return replace(self, **changes)
