@@ -44,6 +44,7 @@ test-slow: install
 bench: install
 	$(PY) benchmarks/engine_overhead.py
 	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/startup.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
