@@ -268,8 +268,9 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
                                     preemption)
         results = {"protocol": proto, **evaluator.results(), "iterations": position.iteration,
                    "provenance": origin, "config_sha256": fingerprint}
-        if callable(getattr(strategy, "results", None)):  # a method's own diagnostics (e.g. MOS's task retrieval)
-            results["strategy"] = strategy.results()
+        diagnostics = strategy.results()  # a method's own (e.g. MOS's task retrieval), or None
+        if diagnostics is not None:
+            results["strategy"] = diagnostics
         events({"event": "run_end", "iteration": position.iteration, "metrics": results["metrics"],
                 "wall_time": events.elapsed, "eval_time": evaluator.eval_seconds,
                 "matrix_eval_time": evaluator.matrix_seconds, "eval_share": evaluator.eval_share})

@@ -69,6 +69,15 @@ class Strategy:
         self.augment: Callable[[Tensor], Tensor] = lambda raw: raw
         self.log: Callable[[dict], None] = lambda event: None
 
+    # Declared for the run to read, so neither the engine nor evaluation probes a method for them:
+    # in the task setting, is the primary accuracy the argmax within the task's classes (False:
+    # over all logits, DST's official evaluation)?
+    task_aware_accuracy: bool = True
+
+    def results(self) -> dict | None:
+        """The method's own diagnostics for results.json (under `strategy`), or None."""
+        return None
+
     # ---- hooks -------------------------------------------------------------
     def setup(self, stream: Stream) -> None:
         """Once, before training: the model is on `self.device`."""

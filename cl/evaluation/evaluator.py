@@ -326,7 +326,7 @@ class Evaluator:
     def primary_is_task_aware(self) -> bool:
         """Task-aware in the task setting, unless the strategy asks for its full-logit
         argmax (`task_aware_accuracy = False`, e.g. DST's official evaluation)."""
-        return self.stream.setting == "task" and getattr(self.strategy, "task_aware_accuracy", True)
+        return self.stream.setting == "task" and self.strategy.task_aware_accuracy
 
     @property
     def trace(self) -> dict[int, list[tuple[int, float]]]:
