@@ -27,6 +27,7 @@ import torch
 
 from cl.models import Classifier, ReducedResNet18
 from cl.stream import TensorData
+from cl.strategy import Context
 from cl.transforms import crop_flip, to_float
 from scenarios.datasets import ImageDataset
 from scenarios.split import class_split
@@ -84,8 +85,7 @@ def prepare(name: str, stream):
     """The strategy in its second experience, with a first experience behind it."""
     s = METHODS[name]()
     gen = torch.Generator().manual_seed(1)
-    s.augment = lambda raw: stream.train_transform(raw, gen)
-    s.setup(stream)
+    s.setup(stream, Context(augment=lambda raw: stream.train_transform(raw, gen)))
     for i in (0, 1):
         exp = stream[i]
         s.before_experience(exp)

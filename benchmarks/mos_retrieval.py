@@ -21,6 +21,7 @@ import torch
 
 from cl.models import Classifier, TimmBackbone
 from cl.stream import Batch, TensorData
+from cl.strategy import Context
 from cl.transforms import to_float
 from scenarios.datasets import ImageDataset
 from scenarios.split import class_split
@@ -43,8 +44,7 @@ def build(tasks: int, per_class: int, eval_per_class: int):
     model = Classifier(lambda input_shape: TimmBackbone("vit_tiny_patch16_224", input_shape=input_shape, **VIT),
                        input_shape=(3, 32, 32))
     mos = MOS(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.05), batch_size=8, ca_epochs=1)
-    mos.augment = lambda raw: raw.float() / 255
-    mos.setup(stream)
+    mos.setup(stream, Context(augment=lambda raw: raw.float() / 255))
     for i in range(tasks):
         exp = stream[i]
         mos.before_experience(exp)

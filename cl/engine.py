@@ -1,4 +1,6 @@
-"""The training loop, top to bottom in one function (`train`).
+"""The training loop, top to bottom in one function (`train`), with its two steps
+(`micro_batch`, `optimizer_step`) and the experience plan (`plan_experience`) beside it.
+Checkpoints, random states, preemption and resume are `cl.checkpoint.RunState`.
 
 The engine owns devices, optimizer stepping, AMP, clipping, schedules, counters,
 evaluation calls, logging and checkpoints; the strategy's hooks own the method
@@ -16,25 +18,18 @@ with a checkpoint (`Preemption`).
 """
 from __future__ import annotations
 
-import os
-import random
-import signal
-import threading
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from cl import distributed
-from cl.errors import Diverged, Interrupted, UserError, cannot_write
+from cl.checkpoint import CHECKPOINT, Checkpointer, Position, Preemption, RunState  # noqa: F401 - re-exported
+from cl.errors import Diverged, UserError
 from cl.evaluation import Evaluator
 from cl.loggers import RunLogger
 from cl.runtime import autocast, epoch_seed
-from cl.stream import Stream
-from cl.strategy import Strategy
-
-CHECKPOINT = "last.pt"
+from cl.stream import Stream, TensorData
+from cl.strategy import Context, Plan, Strategy
 
 
 @dataclass
@@ -83,112 +78,49 @@ class Trainer:
         return self.epochs[i]
 
 
-@dataclass
-class Position:
-    """Where a run is. `phase`: "mid" inside an experience, "end" after one."""
 
-    experience: int = 0
-    epoch: int = 0
-    batch: int = 0
-    iteration: int = 0
-    phase: str = "start"
-    loss_sum: float = 0.0  # the running loss since the last train event
-    loss_n: int = 0
-
-
-@dataclass
-class Checkpointer:
-    folder: Path
-    log: RunLogger | None = None
-    jsonl: object = None  # the JsonlLogger, for the offset to truncate to on resume
-    written: list = field(default_factory=list)
-
-    @property
-    def path(self) -> Path:
-        return self.folder / CHECKPOINT
-
-    def save(self, state: dict) -> Path:
-        """Atomic: write a temporary file, then rename over the old checkpoint."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if self.jsonl is not None:
-            state["metrics_offset"] = self.jsonl.offset()
-        tmp = self.path.with_suffix(".tmp")
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, self.path)
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            tmp.unlink(missing_ok=True)
-            raise cannot_write(self.path, e, self.folder.parent) from e
-        return self.path
-
-    @staticmethod
-    def load(path: Path) -> dict:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same answer
-            raise UserError(
-                f"Checkpoint {path} is corrupt or truncated ({type(e).__name__}); delete it to restart "
-                "that run from scratch, or resume from another run folder."
-            ) from e
+def plan_experience(trainer: Trainer, stream: Stream, data: TensorData, i: int) -> Plan:
+    """The experience's epochs, batch size, batches and accumulation: what `train` runs and
+    what `before_experience` receives."""
+    world = distributed.world()
+    epochs = 1 if stream.online else trainer.epochs_at(i)
+    batch_size = stream.batch_size if (stream.online and stream.batch_size) else trainer.batch_size
+    if batch_size < world:
+        raise UserError(f"The global batch ({batch_size}) is smaller than the number of processes ({world}); "
+                        f"raise trainer.batch_size to at least {world}.")
+    n_batches = data.num_batches(batch_size, trainer.drop_last) if len(data) else 0
+    if world > 1 and n_batches and len(data) - (n_batches - 1) * batch_size < world:
+        n_batches -= 1  # DDP: a last batch too small to give every rank a sample is not trained on
+    return Plan(epochs, batch_size, n_batches, trainer.accumulate_grad_batches)
 
 
-def _rng_state(augment_gen: torch.Generator) -> dict:
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
-        "augment": augment_gen.get_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def micro_batch(strategy: Strategy, batch, weight: float, scaler, precision: str) -> float:
+    """Forward and backward of one micro-batch; its mean loss weighs `weight` in the step's gradient."""
+    batch = batch.to(strategy.device, non_blocking=True)
+    if batch.raw is not None:
+        batch.x = strategy.augment(batch.raw)
+    with autocast(strategy.device, precision):
+        loss = strategy.training_step(batch)
+    scaler.scale(loss * weight if weight != 1.0 else loss).backward()
+    return float(loss.detach()) * weight
 
 
-def _set_rng_state(state: dict, augment_gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    augment_gen.set_state(state["augment"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class Preemption:
-    """SIGINT and SIGTERM (SLURM's preemption signal), and submitit's own preemption
-    signal when submitit runs the job, ask the run to stop: the engine finishes the
-    current optimizer step, writes a checkpoint and raises `Interrupted`. A handler
-    that was installed before ours (submitit's requeue) is called after the checkpoint.
-    A second signal of the same kind exits at once."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self.previous: dict[int, object] = {}
-
-    def __enter__(self) -> "Preemption":
-        if threading.current_thread() is not threading.main_thread():
-            return self  # signals reach the main thread only
-        wanted = [signal.SIGINT, signal.SIGTERM]
-        submitit = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), None)
-        if submitit is not None and callable(signal.getsignal(submitit)):
-            wanted.append(submitit)
-        for s in wanted:
-            self.previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum == signum:
-            raise SystemExit(128 + signum)
-        self.signum = signum
-
-    def forward(self) -> None:
-        """After the checkpoint: let a handler installed before ours (submitit requeues the job) act."""
-        previous = self.previous.get(self.signum)
-        if callable(previous) and previous not in (signal.default_int_handler,):
-            previous(self.signum, None)
+def optimizer_step(strategy: Strategy, optimizer, scheduler, scaler, trainer: Trainer, params: list) -> None:
+    """Unscale, `after_backward`, clip, step, `after_optimizer_step`, zero the gradients and step
+    a per-iteration schedule. An fp16 step with inf/nan gradients is skipped, and so are its hooks."""
+    scaler.unscale_(optimizer)
+    strategy.after_backward()
+    if trainer.clip_grad_norm:
+        torch.nn.utils.clip_grad_norm_(params, trainer.clip_grad_norm)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    stepped = scaler.get_scale() >= scale
+    if stepped:
+        strategy.after_optimizer_step()
+    optimizer.zero_grad(set_to_none=True)
+    if stepped and scheduler is not None and trainer.scheduler_interval == "iteration":
+        scheduler.step()
 
 
 def train(
@@ -202,162 +134,65 @@ def train(
     resume: dict | None = None,
     preemption: Preemption | None = None,
 ) -> Position:
-    device = evaluator.device
-    rank, world = distributed.rank(), distributed.world()
-    strategy.device = device
-    strategy.log = log
+    device, world = evaluator.device, distributed.world()
     strategy.model.to(device)
     if trainer.compile:
         strategy.model.compile()
     # each rank augments its own share of the batch: its own generator (rank 0's is the single-process one)
-    augment_gen = torch.Generator(device=device).manual_seed(seed + 1 + 1_000_003 * rank)
+    augment_gen = torch.Generator(device=device).manual_seed(seed + 1 + 1_000_003 * distributed.rank())
     transform = stream.train_transform
-    strategy.augment = (lambda raw: transform(raw, augment_gen)) if transform is not None else (lambda raw: raw)
+    augment = (lambda raw: transform(raw, augment_gen)) if transform is not None else (lambda raw: raw)
     scaler = torch.amp.GradScaler(device.type, enabled=trainer.precision == "16")
-
-    strategy.setup(stream)
+    strategy.setup(stream, Context(device, log, augment))
     distributed.check_in_sync(strategy.model, "after setup")
-    pos = Position()
-    if resume is None:
-        evaluator.initial()
-    else:
-        for key in ("rng", "experience_rng"):  # one random state per rank (a single one before DDP existed)
-            if isinstance(resume.get(key), dict):
-                resume[key] = [resume[key]]
-        saved_world = len(resume["rng"])
-        if saved_world != world:
-            raise UserError(f"The run being resumed trained on {saved_world} process(es); resume it with the same "
-                            f"number (torchrun --nproc_per_node={saved_world}), not {world}.")
-        pos = Position(**resume["position"])
-        evaluator.load_state_dict(resume["evaluator"])
-        if pos.phase == "end":
-            strategy.load_state_dict(resume["strategy"])
-            _set_rng_state(resume["rng"][rank], augment_gen)
-            log({"event": "resume", "experience": pos.experience, "iteration": pos.iteration})
-    experience_rng = None  # random state when the current experience started (for mid-experience resumes)
-
-    def interrupted() -> Interrupted:
-        """The stop after a checkpoint (the signal may have reached another rank only)."""
-        signum = preemption.signum if preemption is not None and preemption.signum else signal.SIGTERM
-        return Interrupted(signum, pos.iteration, checkpointer.path,
-                           preemption.forward if preemption is not None else None)
-
-    def checkpoint(phase: str, optimizer=None, scheduler=None) -> None:
-        pos.phase = phase
-        rngs = distributed.gather_objects(_rng_state(augment_gen))  # one per rank
-        starts = distributed.gather_objects(experience_rng) if phase == "mid" else None
-        if not distributed.is_main():
-            return
-        state = {
-            "position": asdict(pos),
-            "strategy": strategy.state_dict(),
-            "evaluator": evaluator.state_dict(),
-            "rng": rngs,
-            "wall_time": log.elapsed,
-            "world_size": world,
-        }
-        if phase == "mid":
-            state["experience_rng"] = starts
-            state["optimizer"] = optimizer.state_dict()
-            state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-            state["scaler"] = scaler.state_dict()
-        checkpointer.save(state)
+    run = RunState(strategy, evaluator, log, checkpointer, augment_gen, scaler, resume, preemption)
+    run.restore()
+    pos = run.pos
 
     for i in range(pos.experience, len(stream)):
         exp = stream[i]
-        resuming = resume is not None and pos.phase == "mid" and i == pos.experience
-        if resuming:
-            # replay the experience's start exactly as it happened, then overwrite with the saved state
-            _set_rng_state(resume["experience_rng"][rank], augment_gen)
-        experience_rng = _rng_state(augment_gen)
-        # replaying a resumed experience's start: what the strategy logged then is already in metrics.jsonl
-        strategy.log = (lambda event: None) if resuming else log
-        strategy.before_experience(exp)
-        strategy.log = log
-        if resuming:
-            strategy.load_state_dict(resume["strategy"])
-        optimizer, scheduler = strategy.configure_optimizer(exp)
-        if resuming:
-            optimizer.load_state_dict(resume["optimizer"])
-            if scheduler is not None and resume.get("scheduler") is not None:
-                scheduler.load_state_dict(resume["scheduler"])
-            scaler.load_state_dict(resume["scaler"])
-            _set_rng_state(resume["rng"][rank], augment_gen)
-        else:
-            pos.epoch = pos.batch = pos.loss_n = 0
-            pos.loss_sum = 0.0
-        pos.experience = i
+        data = strategy.train_dataset(exp)
+        plan = plan_experience(trainer, stream, data, i)
+        optimizer, scheduler, resuming = run.start_experience(exp, plan)
         params = [p for group in optimizer.param_groups for p in group["params"]]
         buffers = list(strategy.model.buffers()) if world > 1 else []
-
-        data = strategy.train_dataset(exp)
-        epochs = 1 if stream.online else trainer.epochs_at(i)
-        batch_size = stream.batch_size if (stream.online and stream.batch_size) else trainer.batch_size
-        if batch_size < world:
-            raise UserError(f"The global batch ({batch_size}) is smaller than the number of processes ({world}); "
-                            f"raise trainer.batch_size to at least {world}.")
-        n_batches = data.num_batches(batch_size, trainer.drop_last) if len(data) else 0
-        if world > 1 and n_batches and len(data) - (n_batches - 1) * batch_size < world:
-            n_batches -= 1  # DDP: a last batch too small to give every rank a sample is not trained on
-        accumulate = trainer.accumulate_grad_batches
-        per_epoch = -(-n_batches // accumulate)  # optimizer steps per epoch
+        n_batches, accumulate, per_epoch = plan.batches_per_epoch, plan.accumulate, plan.steps_per_epoch
         log({"event": "resume" if resuming else "experience_start", "experience": i, "of": len(stream),
-             "iteration": pos.iteration, "iterations": per_epoch * epochs,
+             "iteration": pos.iteration, "iterations": plan.steps,
              "done": pos.epoch * per_epoch + pos.batch // accumulate})
         if not resuming:
             evaluator.experience_start(i, pos.iteration)
         strategy.model.train()
         pending = stop = False
 
-        for epoch in range(pos.epoch, epochs):
+        for epoch in range(pos.epoch, plan.epochs):
             pos.epoch = epoch
-            batches = data.batches(batch_size, shuffle=True, seed=epoch_seed(seed, i, epoch),
-                                   drop_last=trainer.drop_last, start=pos.batch) if len(data) else []
-            group_loss = 0.0
+            batches = data.batches(plan.batch_size, shuffle=True, seed=epoch_seed(seed, i, epoch),
+                                   drop_last=trainer.drop_last, start=pos.batch) if n_batches else []
+            step_loss = 0.0
             for batch in batches:
                 if pos.batch >= n_batches:
                     break
                 if world > 1:
                     batch = batch.shard(*distributed.bounds(len(batch)))
-                batch = batch.to(device, non_blocking=True)
-                if batch.raw is not None:
-                    batch.x = strategy.augment(batch.raw)
-                # one optimizer step = the micro-batches [first, last) (`accumulate`, fewer at an epoch's end)
+                # one optimizer step = the micro-batches [first, last) (`accumulate`, fewer at an epoch's end);
+                # each mean loss weighs by its share of the step's global samples, so the summed (and
+                # rank-averaged) gradient is the mean over all of them
                 first = pos.batch - pos.batch % accumulate
                 last = min(first + accumulate, n_batches)
-                samples = min(last * batch_size, len(data)) - first * batch_size  # global samples in the step
-                with autocast(device, trainer.precision):
-                    loss = strategy.training_step(batch)
-                # each (mean) loss weighs by its share of the step's samples; summed over micro-batches and
-                # averaged over ranks, the gradient is the mean over all of them (1 with neither)
-                weight = len(batch) * world / samples
-                scaler.scale(loss * weight if weight != 1.0 else loss).backward()
-                group_loss += float(loss.detach()) * weight
+                samples = min(last * plan.batch_size, len(data)) - first * plan.batch_size
+                step_loss += micro_batch(strategy, batch, len(batch) * world / samples, scaler, trainer.precision)
                 pos.batch += 1
                 if pos.batch < last:
                     continue
 
-                stop = preemption is not None and preemption.signum is not None
-                value, stop = distributed.sync_step(params, buffers, group_loss, stop)  # all ranks agree
-                group_loss = 0.0
+                value, stop = distributed.sync_step(params, buffers, step_loss, run.stop_requested)
+                step_loss = 0.0
                 if value != value or value in (float("inf"), float("-inf")):
                     good = checkpointer.path if checkpointer.path.exists() else "none written yet"
                     raise Diverged(f"The loss became {value} at iteration {pos.iteration + 1} (experience {i}, "
                                    f"epoch {epoch}; last good checkpoint: {good})")
-                scaler.unscale_(optimizer)
-                strategy.after_backward()
-                if trainer.clip_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, trainer.clip_grad_norm)
-                scale = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                stepped = scaler.get_scale() >= scale  # fp16: a step with inf/nan gradients is skipped
-                if stepped:
-                    strategy.after_optimizer_step()
-                optimizer.zero_grad(set_to_none=True)
-                if stepped and scheduler is not None and trainer.scheduler_interval == "iteration":
-                    scheduler.step()
-
+                optimizer_step(strategy, optimizer, scheduler, scaler, trainer, params)
                 pos.iteration += 1
                 pos.loss_sum += value
                 pos.loss_n += 1
@@ -371,22 +206,22 @@ def train(
                                      epoch_end=pos.batch == n_batches)
                 if stop or (trainer.checkpoint_every and pos.iteration % trainer.checkpoint_every == 0):
                     if pos.batch < n_batches:
-                        checkpoint("mid", optimizer, scheduler)
+                        run.save("mid", optimizer, scheduler)
                         if stop:
-                            raise interrupted()
+                            raise run.interrupted()
                     else:  # the epoch's last step: checkpoint after the epoch-end schedule step
                         pending = True
             pos.batch = 0
             if scheduler is not None and trainer.scheduler_interval == "epoch":
                 scheduler.step()
             strategy.after_epoch(epoch)
-            if per_epoch and epoch < epochs - 1:  # the last epoch's end is evaluated after after_experience
+            if per_epoch and epoch < plan.epochs - 1:  # the last epoch's end is evaluated after after_experience
                 evaluator.epoch_end(pos.iteration, i, per_epoch)
             if pending:
                 pos.epoch, pending = epoch + 1, False
-                checkpoint("mid", optimizer, scheduler)
+                run.save("mid", optimizer, scheduler)
                 if stop:
-                    raise interrupted()
+                    raise run.interrupted()
 
         strategy.after_experience(exp)
         distributed.check_in_sync(strategy.model, f"after experience {i}")
@@ -395,5 +230,5 @@ def train(
         row = evaluator.end_of_experience(i, pos.iteration)
         log({"event": "experience_end", "experience": i, "iteration": pos.iteration, "accuracy": row})
         pos.experience, pos.epoch, pos.batch = i + 1, 0, 0
-        checkpoint("end")
+        run.save("end")
     return pos

@@ -7,9 +7,9 @@ fine-tuning with cross-entropy, so a method overrides only what differs.
 
 Order of calls (see `cl.engine.train`):
 
-    setup(stream)                                   once, model already on device
+    setup(stream, context)                          once, model already on context.device
     for each experience:
-        before_experience(exp)
+        before_experience(exp, plan)                plan: the engine's counts for this experience
         configure_optimizer(exp)                    -> (optimizer, scheduler)
         for each epoch:
             for each batch of train_dataset(exp):   batch.x augmented, batch.raw stored form
@@ -20,11 +20,18 @@ Order of calls (see `cl.engine.train`):
         after_experience(exp)
     predict(batch)                                  at every evaluation, under inference_mode
     generate(batch, max_new_tokens)                 instruction streams: greedy completions (full evaluations)
+    baseline()                                      a context in which predict is the untrained model's
+                                                    over every class (the evaluator's FWT baseline b)
 
-Attributes the engine sets before `setup`: `device`, `augment(raw) -> x`,
-which applies the stream's train augmentation with the run's generator (replay
-strategies use it on buffer samples), and `log(event)`, the run's event log
-(metrics.jsonl, console, wandb) for a method's own diagnostics.
+`context` (a `Context`) is what the engine gives a strategy: `device`,
+`augment(raw) -> x`, which applies the stream's train augmentation with the run's
+generator (replay strategies use it on buffer samples), and `log(event)`, the
+run's event log (metrics.jsonl, console, wandb) for a method's own diagnostics;
+`self.device`, `self.augment` and `self.log` read it. `plan` (a `Plan`) holds the
+epochs, batch size, batches and optimizer steps the engine will run for the
+experience: a schedule over the experience (DST's drop rate) reads it rather
+than re-deriving it from the trainer's config. `train_dataset(exp)` is called
+before `before_experience`, to make the plan.
 
 Under torchrun (`cl.distributed`), `training_step` sees this rank's share of the
 global batch (`batch.global_size` is the whole batch's size) and every other hook
@@ -42,6 +49,9 @@ snapshots) from the saved state, as `IncrementalClassifier` does for its rows.
 """
 from __future__ import annotations
 
+import copy
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -49,6 +59,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl.stream import Batch, Experience, Stream, TensorData
+
+
+@dataclass
+class Context:
+    """What the engine gives a strategy at `setup` (defaults: a strategy driven by hand in a test)."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    log: Callable[[dict], None] = lambda event: None
+    augment: Callable[[Tensor], Tensor] = lambda raw: raw
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the engine will run for one experience: `epochs` over `batches_per_epoch`
+    micro-batches of `batch_size` samples (the global batch), `accumulate` micro-batches
+    per optimizer step, so `steps_per_epoch` optimizer steps per epoch and `steps` in all."""
+
+    epochs: int
+    batch_size: int
+    batches_per_epoch: int
+    accumulate: int = 1
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.batches_per_epoch // self.accumulate)
+
+    @property
+    def steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
 
 
 class Strategy:
@@ -65,9 +104,18 @@ class Strategy:
         self.scheduler = None
         self.stream: Stream | None = None
         self.experience: Experience | None = None
-        self.device = torch.device("cpu")
-        self.augment: Callable[[Tensor], Tensor] = lambda raw: raw
-        self.log: Callable[[dict], None] = lambda event: None
+        self.plan: Plan | None = None
+        self.context = Context()
+
+    @property
+    def device(self) -> torch.device:
+        return self.context.device
+
+    def augment(self, raw: Tensor) -> Tensor:
+        return self.context.augment(raw)
+
+    def log(self, event: dict) -> None:
+        self.context.log(event)
 
     # Declared for the run to read, so neither the engine nor evaluation probes a method for them:
     # in the task setting, is the primary accuracy the argmax within the task's classes (False:
@@ -79,14 +127,15 @@ class Strategy:
         return None
 
     # ---- hooks -------------------------------------------------------------
-    def setup(self, stream: Stream) -> None:
-        """Once, before training: the model is on `self.device`."""
+    def setup(self, stream: Stream, context: Context | None = None) -> None:
+        """Once, before training: the model is on `context.device`."""
         self.stream = stream
+        self.context = context or Context()
 
-    def before_experience(self, exp: Experience) -> None:
+    def before_experience(self, exp: Experience, plan: Plan | None = None) -> None:
         """A new experience starts. The base grows the head to every class seen so far
         (to all classes at once if the model has `fixed_head=True`)."""
-        self.experience = exp
+        self.experience, self.plan = exp, plan
         grow = getattr(self.model, "grow", None)
         if grow is not None and self.stream.setting != "instruction":
             fixed = getattr(self.model, "fixed_head", False)
@@ -129,6 +178,24 @@ class Strategy:
     def predict(self, batch: Batch) -> Tensor:
         """Logits over the labels seen so far (columns = remapped class labels)."""
         return self.model(batch.x)
+
+    @contextmanager
+    def baseline(self):
+        """Inside this block `predict` is the untrained model's over every class: the
+        evaluator's baseline b (FWT), scored once before training. The base predicts with
+        a copy of the model whose head is grown to every class; the model is untouched."""
+        grow = getattr(self.model, "grow", None)
+        if grow is None or self.stream.setting == "instruction":
+            yield
+            return
+        model = self.model
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            self.model = copy.deepcopy(model)
+            self.model.grow(self.stream.num_classes)
+        try:
+            yield
+        finally:
+            self.model = model
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int) -> list[str]:

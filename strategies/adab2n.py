@@ -155,8 +155,8 @@ class AdaB2NMixin:
     lam: float
     t0: int
 
-    def setup(self, stream):
-        super().setup(stream)
+    def setup(self, stream, context=None):
+        super().setup(stream, context)
         self.norms = swap_batchnorm(self.model, len(stream), self.kappa) if self.norm == "adab2n" else []
         if self.norm == "adab2n" and not self.norms:
             raise UserError("strategy=adab2n found no BatchNorm2d layer in the model; use a CNN with batch norm "

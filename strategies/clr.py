@@ -73,8 +73,8 @@ class CLR(Strategy):
         self.lam, self.full, self.select = lam, full, select
         self.sets: dict[int, dict[str, Tensor]] = {}
 
-    def setup(self, stream):
-        super().setup(stream)
+    def setup(self, stream, context=None):
+        super().setup(stream, context)
         if stream.setting != "task":
             raise UserError("strategy=clr is task-incremental (a task id picks the task's parameters); "
                             "set scenario.setting=task.")
@@ -125,8 +125,8 @@ class CLR(Strategy):
                 self._head().bias[rows] = state["head.bias"]
 
     # ---- hooks ------------------------------------------------------------------
-    def before_experience(self, exp):
-        super().before_experience(exp)
+    def before_experience(self, exp, plan=None):
+        super().before_experience(exp, plan)
         self._load(self.pristine)  # a fresh model from the same immutable weights, and a fresh head
         with torch.no_grad():
             for k, p in self._head().named_parameters():

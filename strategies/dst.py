@@ -17,7 +17,7 @@ For task t, with U the union of the earlier masks and W∪ the union weights:
    optimizer step; W ← W ⊙ M_t;
 4. every ΔT steps (`update_every`; the task's last step too when ΔT divides it), per
    layer: drop the ⌈r·nnz⌉ active weights of smallest |w| (r decays with a cosine
-   from `drop_start`=0.5 to `drop_end`=0.005 over the task's steps) and grow as many
+   from `drop_start`=0.5 to `drop_end`=0.005 over the task's optimizer steps, `plan.steps`) and grow as many
    inactive positions by `growth`: `random`, `unfired` (prefers positions never
    active during this task), `gradient` (RigL, top |∇L|) or `momentum` (top |m̂/√v̂|
    from Adam);
@@ -90,7 +90,7 @@ class DST(Strategy):
     def __init__(self, model, optimizer, scheduler=None, density: float = 0.2, init: str = "uniform",
                  growth: str = "random", update_every: int = 400, drop_start: float = 0.5, drop_end: float = 0.005,
                  eval_logits: str = "task", keep_best: bool = True, revived: str = "zero", mask_draw: str = "bernoulli",
-                 epochs: int = 1, batch_size: int = 32, drop_last: bool = False, seed: int = 0):
+                 seed: int = 0):
         super().__init__(model, optimizer, scheduler)
         if not 0 < density <= 1:
             raise UserError(f"strategy.density must be in (0, 1], got {density}.")
@@ -105,13 +105,13 @@ class DST(Strategy):
         self.density, self.init, self.growth, self.update_every = density, init, growth, update_every
         self.drop_start, self.drop_end = drop_start, drop_end
         self.eval_logits, self.keep_best, self.revived, self.mask_draw = eval_logits, keep_best, revived, mask_draw
-        self.epochs, self.batch_size, self.drop_last, self.seed = epochs, batch_size, drop_last, seed
+        self.seed = seed
         self.task_aware_accuracy = eval_logits == "task"
         self.masks: dict[int, list[Tensor]] = {}
 
     # ---- set-up ---------------------------------------------------------------------
-    def setup(self, stream):
-        super().setup(stream)
+    def setup(self, stream, context=None):
+        super().setup(stream, context)
         if stream.setting != "task":
             raise UserError("strategy=dst is task-incremental (a task id picks the mask); set scenario.setting=task.")
         self.model.grow(stream.num_classes)  # one shared head over all classes
@@ -146,8 +146,8 @@ class DST(Strategy):
             masks.append(m.view_as(w).to(w.device))
         return masks
 
-    def before_experience(self, exp):
-        super().before_experience(exp)
+    def before_experience(self, exp, plan=None):
+        super().before_experience(exp, plan)
         t = exp.index
         self.mask = self._draw_mask(t)
         self.fired = [m.clone() for m in self.mask]
@@ -158,10 +158,7 @@ class DST(Strategy):
         for p in self.others:
             p.requires_grad_(t == 0)
         self.step = 0
-        data = self.train_dataset(exp)
-        online = self.stream.online
-        bs = self.stream.batch_size if (online and self.stream.batch_size) else self.batch_size
-        self.total_steps = (1 if online else self.epochs) * max(data.num_batches(bs, self.drop_last), 1)
+        self.total_steps = max(plan.steps, 1)  # optimizer steps of the task: the drop rate's cosine spans them
         self.correct = self.seen = 0
         self.best = (-1.0, None)
 

@@ -75,15 +75,15 @@ class HFT(Strategy):
         self.frozen: list[nn.Parameter] = []
         self._sums: list[float] = []
 
-    def setup(self, stream) -> None:
-        super().setup(stream)
+    def setup(self, stream, context=None) -> None:
+        super().setup(stream, context)
         self.layers = decoder_layers(self.model)
         if not self.layers:
             raise UserError("HFT needs a decoder-only transformer (blocks named layers.<i>); use a causal LM model.")
         self.block_params = [p for layer in self.layers for p in layer.parameters()]
 
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
+    def before_experience(self, exp: Experience, plan=None) -> None:
+        super().before_experience(exp, plan)
         selection = draw_half(len(self.layers), self.seed * 1000 + exp.index)
         for p in self.model.parameters():
             p.requires_grad_(True)

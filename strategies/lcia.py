@@ -207,8 +207,8 @@ class LCIA(Strategy):
             unique = sorted(random.Random(self.seed).sample(unique, self.max_instructions))
         return unique
 
-    def setup(self, stream) -> None:
-        super().setup(stream)
+    def setup(self, stream, context=None) -> None:
+        super().setup(stream, context)
         sets = [d for e in stream for d in (e.eval, e.valid) if d is not None]
         probe = getattr(stream.probe, "prompts", None)
         self.test_sets = [frozenset(d.instructions) for d in sets + ([probe] if probe is not None else [])]
@@ -234,8 +234,8 @@ class LCIA(Strategy):
         for key, p in self.model.named_parameters():
             p.requires_grad_(f".{name}." in key and "lora_" in key)
 
-    def before_experience(self, exp: Experience) -> None:
-        super().before_experience(exp)
+    def before_experience(self, exp: Experience, plan=None) -> None:
+        super().before_experience(exp, plan)
         instructions = self.instructions(exp.train.instruction_set)
         similarities = self.groups.similarities(instructions)  # to the groups as they were before this task
         group, new = self.groups.assign(instructions)

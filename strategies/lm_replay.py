@@ -36,10 +36,10 @@ class LMReplay(Strategy):
         self.memory: TokenData | None = None
         self.generator = torch.Generator().manual_seed(seed)
 
-    def setup(self, stream) -> None:
+    def setup(self, stream, context=None) -> None:
         if stream.setting != "instruction":
             raise UserError("strategy=lm_replay replays instruction examples; for image streams use er, er_ace or derpp.")
-        super().setup(stream)
+        super().setup(stream, context)
 
     def training_step(self, batch: Batch) -> torch.Tensor:
         k = round(batch.global_size * self.fraction / (1 - self.fraction))

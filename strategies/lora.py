@@ -52,8 +52,8 @@ class SeqLoRA(Strategy):
         super().__init__(model, optimizer, scheduler)
         self.lora = lora_config(**(lora or {}))
 
-    def setup(self, stream) -> None:
-        super().setup(stream)
+    def setup(self, stream, context=None) -> None:
+        super().setup(stream, context)
         add_lora(self.model, "default", self.lora)
         self.model.to(self.device)
 

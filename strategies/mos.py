@@ -94,7 +94,7 @@ class MOS(Strategy):
                  adapter_dropout: float = 0.1, alpha: float = 0.1, reg: float = 0.1, reg_temperature: float = 0.8,
                  head_lr: float = 0.003, merge: str = "paper", retrieval: str = "lazy", max_rounds: int = 4,
                  ensemble: bool = True, covariance: str = "full", ca_epochs: int = 30, ca_lr: float = 0.005,
-                 ca_weight_decay: float = 5e-4, ca_per_class: int | None = None, batch_size: int = 48,
+                 ca_weight_decay: float = 5e-4, ca_per_class: int | None = None, batch_size: int | None = None,
                  eval_batch_size: int = 256, seed: int = 0):
         super().__init__(model, optimizer, scheduler)
         for key, value, allowed in (("merge", merge, ("paper", "official")), ("retrieval", retrieval, ("lazy", "eager")),
@@ -113,15 +113,24 @@ class MOS(Strategy):
         self.merge, self.retrieval, self.max_rounds, self.ensemble = merge, retrieval, max_rounds, ensemble
         self.covariance, self.ca_epochs, self.ca_lr = covariance, ca_epochs, ca_lr
         self.ca_weight_decay = ca_weight_decay  # the run's optimizer weight decay (the config interpolates it)
-        self.ca_per_class = ca_per_class or 5 * batch_size
-        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
+        self.ca_per_class_option, self.batch_size_option = ca_per_class, batch_size
+        self.eval_batch_size, self.seed = eval_batch_size, seed
         self.adapters: list[dict[str, Tensor]] = []  # A_0 .. A_{t-1} (A_t once task t ends)
         self.prefix: list[dict[str, Tensor]] = []  # prefix[k] = A_0 + .. + A_k, of the snapshots as taken
         self.stats = {"n": 0, "initial": 0, "refined": 0, "rounds": 0}  # task-retrieval diagnostics
 
+    @property
+    def batch_size(self) -> int:
+        """The official code's `batch_size` (its training batch): the engine's unless set."""
+        return self.batch_size_option or self.plan.batch_size
+
+    @property
+    def ca_per_class(self) -> int:
+        return self.ca_per_class_option or 5 * self.batch_size
+
     # ---- set-up ---------------------------------------------------------------------
-    def setup(self, stream):
-        super().setup(stream)
+    def setup(self, stream, context=None):
+        super().setup(stream, context)
         backbone = getattr(self.model, "backbone", None)
         vit = getattr(backbone, "model", backbone)
         try:
@@ -137,8 +146,8 @@ class MOS(Strategy):
         shape = (0, dim) if self.covariance == "diagonal" else (0, dim, dim)
         self.covs = torch.zeros(shape, device=self.device)
 
-    def before_experience(self, exp):
-        super().before_experience(exp)
+    def before_experience(self, exp, plan=None):
+        super().before_experience(exp, plan)
         n = max(exp.classes) + 1
         if len(self.task_of) < n:
             grown = torch.full((n,), -1, dtype=torch.long, device=self.device)

@@ -60,8 +60,8 @@ class ER(Strategy):
         self.joint_forward = False
         self.replayed = False  # whether the current step drew a replay batch
 
-    def setup(self, stream):
-        super().setup(stream)
+    def setup(self, stream, context=None):
+        super().setup(stream, context)
         self.buffer = ReservoirBuffer(self.mem_size, self.device, self.seed, logit_width=stream.num_classes)
 
     def replay(self, n: int) -> dict[str, Tensor] | None:
@@ -124,8 +124,8 @@ class ERACE(ER):
         self.from_first_experience, self.mask = from_first_experience, mask
         self.seen_max = torch.tensor(-1)  # the largest label of any stream batch so far
 
-    def setup(self, stream):
-        super().setup(stream)
+    def setup(self, stream, context=None):
+        super().setup(stream, context)
         if self.mask == "mammoth" and hasattr(self.model, "grow") and not getattr(self.model, "fixed_head", False):
             raise UserError("strategy.mask=mammoth keeps the unseen classes' logits in the softmax, so it needs "
                             "a head over all classes from the start; add ++model.fixed_head=true.")

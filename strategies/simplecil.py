@@ -51,8 +51,8 @@ class SimpleCIL(Strategy):
         self.unused = nn.Parameter(torch.zeros(0))  # the engine's optimizer needs a parameter; nothing trains
         self.prototypes: Tensor | None = None
 
-    def setup(self, stream):
-        super().setup(stream)
+    def setup(self, stream, context=None):
+        super().setup(stream, context)
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.prototypes = torch.zeros(0, self.model.backbone.num_features, device=self.device)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from cl.strategy import Context
 from strategies.adab2n import AdaB2NNorm, swap_batchnorm
 from tests.conftest import compose, read_results, run_inprocess
 
@@ -210,8 +211,7 @@ def test_with_replay_stream_and_buffer_share_one_forward_and_the_regulariser_wai
     model = build(cfg, "model", input_shape=stream.input_shape)
     strategy = build(cfg, "strategy", model=model, optimizer=build(cfg, "optimizer"), scheduler=None)
     gen = torch.Generator().manual_seed(0)
-    strategy.augment = lambda raw: stream.train_transform(raw, gen)
-    strategy.setup(stream)
+    strategy.setup(stream, Context(augment=lambda raw: stream.train_transform(raw, gen)))
     assert strategy.joint_forward and len(strategy.norms) > 0
     seen = []
     first = strategy.norms[0]

@@ -15,6 +15,7 @@ from torch import nn
 
 from cl.models import Classifier, MobileNetV2
 from cl.stream import Batch, Experience, Stream, TensorData
+from cl.strategy import Plan
 from strategies.dst import DST, cosine_drop_rate, erk_densities
 from tests.conftest import run_inprocess
 
@@ -46,8 +47,8 @@ class RecordingDST(DST):
     coverage: list = []
     updates = 0
 
-    def before_experience(self, exp):
-        super().before_experience(exp)
+    def before_experience(self, exp, plan=None):
+        super().before_experience(exp, plan)
         self.drawn = [int(m.sum()) for m in self.mask]
 
     def update_topology(self):
@@ -97,6 +98,35 @@ def test_bwt_is_zero_old_weights_are_bit_identical_and_density_stays_on_target(t
             # (nested masks) nor T·d (disjoint); topology updates move it a little
         cov = RecordingDST.coverage
         assert sum(cov) / len(cov) == pytest.approx(1 - (1 - 0.2) ** 5, abs=0.06)
+
+
+class ScheduleDST(DST):
+    """Records, per task, the steps the drop schedule spans, the optimizer steps taken and the last drop rate."""
+
+    tasks: list = []
+
+    def update_topology(self):
+        super().update_topology()
+        self.last_rate = cosine_drop_rate(self.step, self.total_steps, self.drop_start, self.drop_end)
+
+    def after_experience(self, exp):
+        super().after_experience(exp)
+        ScheduleDST.tasks.append((self.total_steps, self.step, self.last_rate))
+
+
+@pytest.mark.parametrize("setting", [["trainer.accumulate_grad_batches=2"], ["trainer.epochs=[1,3,2,1,2]"]])
+def test_the_drop_schedule_spans_the_optimizer_steps_the_engine_takes(tmp_path, setting):
+    """48 samples per task in batches of 16: 3 micro-batches per epoch. With accumulation 2 that is 2 optimizer
+    steps per epoch (4 in 2 epochs; counting micro-batches gave 6, so the cosine never reached its end), and
+    with per-task epochs each task's own count (a list used to be multiplied by the batch count)."""
+    ScheduleDST.tasks = []
+    results = run_inprocess(TIL + ["strategy=dst", "strategy._target_=tests.test_dst.ScheduleDST",
+                                   "strategy.update_every=1", "scenario.max_per_class=24", *setting], tmp_path / "dst")
+    epochs = [2] * 5 if "accumulate" in setting[0] else [1, 3, 2, 1, 2]
+    per_epoch = 2 if "accumulate" in setting[0] else 3
+    assert [(total, taken) for total, taken, _ in ScheduleDST.tasks] == [(e * per_epoch, e * per_epoch) for e in epochs]
+    assert all(rate == pytest.approx(0.005) for _, _, rate in ScheduleDST.tasks)  # the cosine ends at drop_end
+    assert results["iterations"] == per_epoch * sum(epochs)
 
 
 def test_dense_finetuning_forgets_in_the_same_setting(tmp_path):
@@ -189,7 +219,7 @@ class Tiny(nn.Module):
         return self.fc(F.relu(self.conv(x)).flatten(1))
 
 
-def tiny_dst(**kw) -> DST:
+def tiny_dst(epochs: int = 1, **kw) -> DST:
     torch.manual_seed(0)
     exps = []
     for i in range(2):
@@ -197,9 +227,9 @@ def tiny_dst(**kw) -> DST:
         data = TensorData(torch.randn(16, 1, 6, 6), y, torch.full_like(y, i))
         exps.append(Experience(i, [2 * i, 2 * i + 1], data, data, i))
     stream = Stream(exps, "task", "tiny", 4, (1, 6, 6))
-    dst = DST(Classifier(Tiny(), (1, 6, 6)), partial(torch.optim.SGD, lr=0.1), **{"batch_size": 4, **kw})
+    dst = DST(Classifier(Tiny(), (1, 6, 6)), partial(torch.optim.SGD, lr=0.1), **kw)
     dst.setup(stream)
-    dst.before_experience(exps[0])
+    dst.before_experience(exps[0], Plan(epochs, 4, exps[0].train.num_batches(4)))
     dst.configure_optimizer(exps[0])
     return dst
 
@@ -255,7 +285,7 @@ def test_the_topology_is_updated_at_a_tasks_last_step_too():
 def test_the_best_epoch_is_chosen_by_accuracy_over_all_logits():
     dst = tiny_dst()
     task = dst.stream[1]
-    dst.before_experience(task)
+    dst.before_experience(task, Plan(1, 4, 4))
     dst.configure_optimizer(task)
     y = torch.tensor([2, 3, 2, 3])
     batch = Batch(torch.zeros(4, 1, 6, 6), y, torch.ones_like(y))

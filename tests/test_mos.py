@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from cl.strategy import Context
 from cl.models import Classifier, TimmBackbone
 from cl.models.vit_adapter import ADAPTER_KEYS, AdapterViT
 from cl.stream import Batch, TensorData
@@ -47,8 +48,7 @@ def tiny_mos(s, **kw):
     model = Classifier(lambda input_shape: TimmBackbone("vit_tiny_patch16_224", input_shape=input_shape, **VIT),
                        input_shape=(3, 32, 32))
     strategy = MOS(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.05), batch_size=4, ca_epochs=2, **kw)
-    strategy.augment = lambda raw: raw.float() / 255
-    strategy.setup(s)
+    strategy.setup(s, Context(augment=lambda raw: raw.float() / 255))
     return strategy
 
 
@@ -365,7 +365,7 @@ def test_official_merge_class_statistics_follow_the_official_loop():
     adapter before every block: so the live adapter leaves task 1 merged depth × (forwards) times."""
     s = stream(tasks=2)
     mos = tiny_mos(s, merge="official", retrieval="eager")
-    mos.batch_size = 3  # batches of 9: each class's 12 training images take two forwards (9, 3)
+    mos.batch_size_option = 3  # batches of 9: each class's 12 training images take two forwards (9, 3)
     train_tasks(mos, s, 1, perturb=0.5)
     exp = s[1]
     mos.before_experience(exp)

@@ -49,7 +49,6 @@ Deliberate differences from De Lange et al.'s code (github.com/Mattdl/ContinualE
 """
 from __future__ import annotations
 
-import copy
 import time
 from array import array
 from contextlib import nullcontext
@@ -261,16 +260,8 @@ class Evaluator:
     def initial(self) -> None:
         """Accuracy before training, with the head grown to every class (GEM's b)."""
         start = time.perf_counter()
-        strategy, model = self.strategy, self.strategy.model
-        grow = getattr(model, "grow", None)
-        if grow is not None and self.stream.setting != "instruction":
-            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                strategy.model = copy.deepcopy(model)
-                strategy.model.grow(self.stream.num_classes)
-        try:
+        with self.strategy.baseline():
             res = self._evaluate(list(range(len(self.stream))), True, 0, -1)
-        finally:
-            strategy.model = model
         self._retention(-1, 0)
         self.initial_row = [a for a, _ in res]
         self.initial_row_task_aware = [a for _, a in res] if self.task_aware_available else None

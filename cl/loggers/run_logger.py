@@ -14,8 +14,11 @@ class RunLogger:
         self.sinks = [s for s in sinks if s is not None]
         self.start = time.perf_counter()
         self.time_offset = 0.0  # wall time of earlier segments of a resumed run
+        self.silent = False
 
     def __call__(self, event: dict) -> None:
+        if self.silent:
+            return
         event.setdefault("t", round(self.elapsed, 4))
         for sink in list(self.sinks):
             self._call(sink, sink.log, event)
@@ -44,6 +47,15 @@ class RunLogger:
         """A training iteration: the console's bar advances, metrics.jsonl flushes if it is due."""
         self._each("step", n)
         self._each("tick")
+
+    @contextmanager
+    def muted(self, mute: bool = True):
+        """Drop events inside the block (a resumed run replaying what it logged before)."""
+        before, self.silent = self.silent, mute
+        try:
+            yield
+        finally:
+            self.silent = before
 
     @contextmanager
     def progress(self, description: str, total: int):
