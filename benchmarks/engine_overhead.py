@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from cl import engine, runtime
-from cl.evaluation import Evaluator
+from cl.evaluation import Evaluation, Evaluator
 from cl.loggers import JsonlLogger, RunLogger
 from cl.models import Classifier, ReducedResNet18
 from cl.stream import TensorData
@@ -57,7 +57,7 @@ def run_cl(stream, folder: Path) -> torch.nn.Module:
     strategy = ER(model, optimizer=lambda p: torch.optim.SGD(p, lr=LR), mem_size=MEM, replay_batch_size=BATCH, seed=SEED)
     jsonl = JsonlLogger(folder / "metrics.jsonl")
     log = RunLogger([jsonl])
-    evaluator = Evaluator(stream, strategy, log, every=0, batch_size=512, seed=SEED, device="cpu")
+    evaluator = Evaluator(stream, strategy, Evaluation(every=0, batch_size=512), log, seed=SEED, device="cpu")
     trainer = engine.Trainer(epochs=1, batch_size=BATCH, device="cpu", log_every=10)
     engine.train(stream, strategy, evaluator, log, trainer, engine.Checkpointer(folder / "ckpt", jsonl=jsonl), SEED)
     log.close()

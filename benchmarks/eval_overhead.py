@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from cl import engine
-from cl.evaluation import Evaluator
+from cl.evaluation import Evaluation, Evaluator
 from cl.runtime import eval_mode
 from cl.loggers import JsonlLogger, RunLogger
 from cl.models import Classifier, ReducedResNet18
@@ -68,7 +68,7 @@ def per_evaluation_ratio(repeats: int) -> tuple[float, int]:
     model, strategy = model_and_strategy()
     with tempfile.TemporaryDirectory() as tmp:
         log = RunLogger([JsonlLogger(Path(tmp) / "metrics.jsonl")])
-        ev = Evaluator(stream, strategy, log, every=1, subset=SUBSET, batch_size=EVAL_BATCH)
+        ev = Evaluator(stream, strategy, Evaluation(every=1, subset=SUBSET, batch_size=EVAL_BATCH), log)
         seen = list(range(len(stream)))
         datasets = [ev.subsets[j] if ev.subsets[j] is not None else ev.data[j] for j in seen]
         t_cl, t_plain = [], []
@@ -92,7 +92,7 @@ def eval_share(every: int) -> tuple[float, int]:
     with tempfile.TemporaryDirectory() as tmp:
         jsonl = JsonlLogger(Path(tmp) / "metrics.jsonl")
         log = RunLogger([jsonl])
-        ev = Evaluator(stream, strategy, log, every=every, subset=SUBSET, batch_size=EVAL_BATCH)
+        ev = Evaluator(stream, strategy, Evaluation(every=every, subset=SUBSET, batch_size=EVAL_BATCH), log)
         engine.train(stream, strategy, ev, log, engine.Trainer(epochs=3, batch_size=32, device="cpu"),
                      engine.Checkpointer(Path(tmp) / "ckpt", jsonl=jsonl), seed=0)
         log.close()

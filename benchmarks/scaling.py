@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from cl import engine, runtime
-from cl.evaluation import Evaluator
+from cl.evaluation import Evaluation, Evaluator
 from cl.loggers import JsonlLogger, RunLogger
 from cl.models import MLP, Classifier
 from cl.stream import TensorData
@@ -61,7 +61,7 @@ def run(tasks: int, folder: Path) -> dict:
     strategy = ER(model, optimizer=lambda p: torch.optim.SGD(p, lr=0.05), mem_size=200, seed=SEED)
     jsonl = JsonlLogger(folder / "metrics.jsonl", truncate_at=0)
     log = RunLogger([jsonl])
-    evaluator = Evaluator(stream, strategy, log, every=EVERY, subset=SUBSET, batch_size=512, seed=SEED, device="cpu")
+    evaluator = Evaluator(stream, strategy, Evaluation(every=EVERY, subset=SUBSET, batch_size=512), log, seed=SEED, device="cpu")
     trainer = engine.Trainer(epochs=1, batch_size=BATCH, device="cpu", log_every=10)
     start = time.perf_counter()
     pos = engine.train(stream, strategy, evaluator, log, trainer, engine.Checkpointer(folder / "ckpt", jsonl=jsonl), SEED)

@@ -234,7 +234,7 @@ def check_config(cfg: DictConfig) -> None:
     from dataclasses import fields
 
     from cl.engine import Trainer
-    from cl.evaluation import Evaluator
+    from cl.evaluation.evaluator import Evaluation
 
     seed = cfg.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
@@ -242,15 +242,8 @@ def check_config(cfg: DictConfig) -> None:
     lr = cfg.optimizer.get("lr")
     if lr is not None and not lr > 0:
         raise UserError(f"optimizer.lr must be positive, got {lr}.")
-    trainer = _settings(cfg, "trainer", [f.name for f in fields(Trainer)])
-    Trainer(**trainer)  # its own type and range checks, one sentence each
-    taken_from_the_run = ("self", "stream", "strategy", "log", "seed", "device", "precision")
-    evaluation = _settings(cfg, "evaluation", [p for p in parameters(Evaluator) if p not in taken_from_the_run])
-    for name, low in (("every", 0), ("subset", 1), ("batch_size", 1)):  # as the Evaluator does, before data load
-        value = evaluation.get(name, low)
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            kind = "a non-negative" if low == 0 else "a positive"
-            raise UserError(f"evaluation.{name} must be {kind} integer, got {value!r}.")
+    for group, settings in (("trainer", Trainer), ("evaluation", Evaluation)):
+        settings(**_settings(cfg, group, [f.name for f in fields(settings)]))  # their own checks, one sentence each
 
 
 def _settings(cfg: DictConfig, group: str, valid: list[str]) -> dict:

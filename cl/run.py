@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from cl import distributed, engine, runtime
 from cl.checks import build, check_config
 from cl.errors import UserError, cannot_write
-from cl.evaluation import Evaluator
+from cl.evaluation import Evaluation, Evaluator
 from cl.evaluation import plots
 from cl.loggers import ConsoleLogger, JsonlLogger, RunLogger
 
@@ -254,8 +254,8 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
     events = RunLogger(sinks)
     if resume_state:
         events.time_offset = resume_state.get("wall_time", 0.0)
-    evaluator = Evaluator(stream, strategy, events, seed=cfg.seed, device=device, precision=trainer.precision,
-                          **OmegaConf.to_container(cfg.evaluation, resolve=True))
+    evaluator = Evaluator(stream, strategy, Evaluation(**OmegaConf.to_container(cfg.evaluation, resolve=True)),
+                          events, seed=cfg.seed, device=device, precision=trainer.precision)
     proto = protocol(cfg, stream, model, evaluator, trainer)
     origin = provenance(device, distributed.world())
     if resume_state is None:

@@ -137,7 +137,7 @@ class Strategy:
         (to all classes at once if the model has `fixed_head=True`)."""
         self.experience, self.plan = exp, plan
         grow = getattr(self.model, "grow", None)
-        if grow is not None and self.stream.setting != "instruction":
+        if grow is not None and self.stream.modality == "classification":
             fixed = getattr(self.model, "fixed_head", False)
             grow(self.stream.num_classes if fixed else len(self.stream.classes_upto(exp.index)))
 
@@ -152,7 +152,8 @@ class Strategy:
         return self.model(x)
 
     def training_step(self, batch: Batch) -> Tensor:
-        if batch.y.dim() > 1:  # instruction batches: next-token targets
+        """The stream's modality picks the loss: cross-entropy over the labels, or over the response tokens."""
+        if self.stream.modality == "instruction":
             return self.token_loss(batch.x, batch.y)
         return F.cross_entropy(self.forward(batch.x, batch.t), batch.y)
 
@@ -185,7 +186,7 @@ class Strategy:
         evaluator's baseline b (FWT), scored once before training. The base predicts with
         a copy of the model whose head is grown to every class; the model is untouched."""
         grow = getattr(self.model, "grow", None)
-        if grow is None or self.stream.setting == "instruction":
+        if grow is None or self.stream.modality != "classification":
             yield
             return
         model = self.model

@@ -222,6 +222,20 @@ class Experience:
     metric: str = "accuracy"  # instruction tasks: exact | rouge_l | edit_similarity (how generations are scored)
 
 
+MODALITIES = ("classification", "instruction")
+TEXT_METRICS = ("exact", "rouge_l", "edit_similarity")  # an instruction task's `metric` (cl.evaluation.text scores it)
+
+
+@dataclass
+class RetentionPrompts:
+    """General prompts for the retention probe of instruction streams: the untrained model's
+    greedy answers (`max_new_tokens` at most) are the reference later answers are scored against."""
+
+    prompts: TokenData
+    max_new_tokens: int = 32
+    batch_size: int = 16
+
+
 @dataclass
 class Stream:
     """An ordered list of experiences plus what describes them.
@@ -245,15 +259,17 @@ class Stream:
     online: bool = False
     batch_size: int | None = None  # the stream batch of an online scenario
     info: dict = field(default_factory=dict)  # dataset, pool, pretraining... for results.json
-    scorer: Callable | None = None  # (predict output, batch, classes, task_aware) -> (correct, correct_task_aware)
-    # instruction streams: scores generations at full evaluations, (strategy, batch, experience) -> score sum
-    generative_scorer: Callable | None = None
-    probe: object = None  # instruction streams: a cl.evaluation.text.RetentionProbe (general prompts)
+    # what a sample is, which picks the training loss (`Strategy.training_step`) and the scorers
+    # (`cl.evaluation.scorer_for`): "classification" (labels) | "instruction" (prompt -> response tokens)
+    modality: str = "classification"
+    retention: "RetentionPrompts | None" = None  # instruction streams: the retention probe's prompts
 
     def __post_init__(self):
         """A stream that trains on nothing would report the untrained model as the result: refuse it."""
         if not self.experiences:
             raise UserError(f"The stream {self.name} has no experiences; give the scenario data to split.")
+        if self.modality not in MODALITIES:
+            raise UserError(f"A stream's modality is one of {', '.join(MODALITIES)}, not {self.modality!r}.")
         for e in self.experiences:
             if len(e.train) == 0:
                 raise UserError(f"Experience {e.index} ({e.name or e.classes}) of {self.name} has no training samples; "

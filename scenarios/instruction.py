@@ -38,8 +38,7 @@ from typing import Sequence
 import torch
 
 from cl.errors import UserError
-from cl.evaluation.text import RetentionProbe, check_metric, generated_scores, teacher_forced_scores
-from cl.stream import Experience, Stream, TokenData
+from cl.stream import TEXT_METRICS, Experience, RetentionPrompts, Stream, TokenData
 
 SINGLE_WORD = "Answer with a single word."
 POSITIVE = ["wonderful", "great", "delightful", "excellent", "friendly", "lovely", "superb", "pleasant", "brilliant",
@@ -250,7 +249,9 @@ def load_task(task: dict, fields: dict, seed: int, n_train: int | None, n_test: 
         train = rng.sample(train, n_train)
     if n_test and len(test) > n_test:
         test = rng.sample(test, n_test)
-    return name, train, test, check_metric(metric, name)
+    if metric not in TEXT_METRICS:
+        raise UserError(f"Task {name} has metric {metric!r}; use one of {', '.join(TEXT_METRICS)}.")
+    return name, train, test, metric
 
 
 def tokenize(tokenizer, examples: Sequence[tuple[str, str, str]], prompt_format: str, max_length: int,
@@ -313,11 +314,11 @@ def instruction_stream(
     prompts = retention.get("prompts", GENERAL_PROMPTS)
     if prompts:
         examples = [("", p, "") for p in prompts[: retention.get("size") or len(prompts)]]
-        probe = RetentionProbe(tokenize(tok, examples, "{instruction}", max_length, system),
-                               retention.get("max_new_tokens", 32), retention.get("batch_size", 16))
+        probe = RetentionPrompts(tokenize(tok, examples, "{instruction}", max_length, system),
+                                 retention.get("max_new_tokens", 32), retention.get("batch_size", 16))
     return Stream(
         experiences=experiences, setting="instruction", name=name, num_classes=0, input_shape=(max_length,),
-        scorer=teacher_forced_scores, generative_scorer=generated_scores, probe=probe,
+        modality="instruction", retention=probe,
         info={"tasks": names, "metrics": [e.metric for e in experiences],
               "train_sizes": [len(e.train) for e in experiences], "test_sizes": [len(e.eval) for e in experiences],
               "tokenizer": tokenizer, "prompt_format": prompt_format,

@@ -210,7 +210,7 @@ class LCIA(Strategy):
     def setup(self, stream, context=None) -> None:
         super().setup(stream, context)
         sets = [d for e in stream for d in (e.eval, e.valid) if d is not None]
-        probe = getattr(stream.probe, "prompts", None)
+        probe = stream.retention.prompts if stream.retention is not None else None
         self.test_sets = [frozenset(d.instructions) for d in sets + ([probe] if probe is not None else [])]
 
     def _new_adapter(self, group: int) -> None:

@@ -37,7 +37,7 @@ class LMReplay(Strategy):
         self.generator = torch.Generator().manual_seed(seed)
 
     def setup(self, stream, context=None) -> None:
-        if stream.setting != "instruction":
+        if stream.modality != "instruction":
             raise UserError("strategy=lm_replay replays instruction examples; for image streams use er, er_ace or derpp.")
         super().setup(stream, context)
 

@@ -147,12 +147,12 @@ def test_last_trace_point_of_an_experience_is_the_model_the_matrix_scores(tmp_pa
     is traced after that hook at the experience's last iteration, so the trace's last point
     equals the accuracy matrix's row (the subset is the whole eval split here)."""
     from cl import engine
-    from cl.evaluation import Evaluator
+    from cl.evaluation import Evaluation, Evaluator
     from cl.loggers import RunLogger
     from tests.test_evaluator import TableStrategy, stream
 
     s, strategy = stream(setting), TableStrategy()
-    ev = Evaluator(s, strategy, every=1, subset=1000)
+    ev = Evaluator(s, strategy, Evaluation(every=1, subset=1000))
     engine.train(s, strategy, ev, RunLogger([]), engine.Trainer(epochs=2, batch_size=2),
                  engine.Checkpointer(tmp_path), seed=0)
     res = ev.results()

@@ -9,7 +9,7 @@ from torch import nn
 
 from cl import engine
 from cl.errors import UserError
-from cl.evaluation import Evaluator
+from cl.evaluation import Evaluation, Evaluator
 from cl.runtime import eval_mode
 from cl.loggers import RunLogger
 from cl.stream import Experience, Stream, TensorData
@@ -75,7 +75,7 @@ def test_accuracy_matrix_golden(tmp_path, setting):
     s = stream(setting)
     strategy = TableStrategy()
     events = []
-    ev = Evaluator(s, strategy, events.append, every=0)
+    ev = Evaluator(s, strategy, Evaluation(every=0), events.append)
     engine.train(s, strategy, ev, RunLogger([]), engine.Trainer(epochs=1, batch_size=2),
                  engine.Checkpointer(tmp_path), seed=0)
     res = ev.results()
@@ -109,13 +109,13 @@ def test_continual_evaluation_uses_a_fixed_seeded_subset():
     s = stream()
     for e in s:
         e.eval = TensorData(torch.arange(50).view(-1, 1).float(), torch.zeros(50, dtype=torch.long)).with_task(e.index)
-    a = Evaluator(s, TableStrategy(), subset=7, seed=3)
-    b = Evaluator(s, TableStrategy(), subset=7, seed=3)
-    c = Evaluator(s, TableStrategy(), subset=7, seed=4)
+    a = Evaluator(s, TableStrategy(), Evaluation(subset=7), seed=3)
+    b = Evaluator(s, TableStrategy(), Evaluation(subset=7), seed=3)
+    c = Evaluator(s, TableStrategy(), Evaluation(subset=7), seed=4)
     assert all(torch.equal(x.x, y.x) for x, y in zip(a.subsets, b.subsets))
     assert not torch.equal(a.subsets[0].x, c.subsets[0].x)
     assert all(len(x) == 7 for x in a.subsets)
-    assert Evaluator(s, TableStrategy(), subset=100).subsets[0] is None  # smaller than the subset: all of it
+    assert Evaluator(s, TableStrategy(), Evaluation(subset=100)).subsets[0] is None  # smaller than the subset: all of it
 
 
 # ---- continual evaluation in real runs ------------------------------------------------------------
@@ -199,11 +199,10 @@ def test_period_counts_updates_within_the_epoch_or_over_the_run(tmp_path, period
 
 
 def test_bad_evaluation_options_are_one_sentence():
-    s = stream()
     with pytest.raises(UserError, match="evaluation.pre_update must be first or every"):
-        Evaluator(s, TableStrategy(), pre_update="all")
+        Evaluation(pre_update="all")
     with pytest.raises(UserError, match="evaluation.period must be epoch or global"):
-        Evaluator(s, TableStrategy(), period="run")
+        Evaluation(period="run")
 
 
 def test_resample_draws_a_new_subset_each_time(tmp_path):

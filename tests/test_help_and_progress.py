@@ -131,12 +131,12 @@ def test_the_evaluation_bar_sits_below_a_live_training_bar_and_goes_away(monkeyp
 
 
 def test_the_evaluator_reports_its_batches_and_a_disabled_console_shows_nothing(tmp_path):
-    from cl.evaluation import Evaluator
+    from cl.evaluation import Evaluation, Evaluator
     from tests.test_evaluator import TableStrategy, stream
 
     for enabled in (True, False):
         sink, buf = console_logger(eval_delay=0.0, enabled=enabled)
-        ev = Evaluator(stream(), TableStrategy(), RunLogger([sink]), every=0, batch_size=1)
+        ev = Evaluator(stream(), TableStrategy(), Evaluation(every=0, batch_size=1), RunLogger([sink]))
         ev.initial()
         assert ("evaluating the untrained model" in buf.getvalue()) == enabled
         assert "12/12" in buf.getvalue() if enabled else buf.getvalue() == ""

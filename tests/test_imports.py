@@ -60,3 +60,20 @@ def test_the_cl_package_has_no_import_circle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]  # the walk finds one
     cycle = find_cycle(edges)
     assert cycle is None, " -> ".join(cycle)
+
+
+def test_scenarios_hand_over_plain_data_and_cl_never_probes_a_strategy():
+    """Scenarios build streams from cl.stream alone (the model's tokenizer aside): no scorer, no engine, no
+    method. And the engine and evaluation reach a strategy only through its declared methods."""
+    modules = {module_name(p) for p in (ROOT / "cl").rglob("*.py")}
+    for path in (ROOT / "scenarios").glob("*.py"):
+        used = imports_of(path, modules)
+        assert used <= {"cl.stream", "cl.errors", "cl.models.causal_lm"}, f"{path.name} imports {sorted(used)}"
+    probes = []
+    for path in (ROOT / "cl").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("getattr", "hasattr", "setattr"):
+                target = ast.unparse(node.args[0])
+                if "strategy" in target:
+                    probes.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
+    assert not probes, probes

@@ -118,8 +118,8 @@ def test_teacher_forced_exact_match_agrees_with_generated_exact_match_on_a_memor
     with torch.inference_mode():
         for i in range(len(mixed)):
             batch = mixed.collate([i])
-            tf.append(teacher_forced_scores(strategy.predict(batch), batch, None, False)[0])
-            gen.append(generated_scores(strategy, batch, stream[0])[0])
+            tf.append(teacher_forced_scores(strategy.predict(batch), batch))
+            gen.append(generated_scores(strategy, batch, stream[0]))
     assert tf[:6] == [1] * 6
     assert tf == gen  # sample by sample
 
@@ -127,7 +127,7 @@ def test_teacher_forced_exact_match_agrees_with_generated_exact_match_on_a_memor
 def test_retention_probe_scores_agreement_with_the_base_answers():
     torch.manual_seed(0)
     stream = suite(retention={"prompts": ["What is the capital of France?", "Name a color."], "max_new_tokens": 6})
-    probe: RetentionProbe = stream.probe
+    probe = RetentionProbe(stream.retention)
     strategy = Strategy(CausalLM("tiny").eval(), None)
     assert probe.measure(strategy, "cpu") is None and len(probe.reference) == 2
     assert probe.measure(strategy, "cpu") == 1.0  # the unchanged model agrees with itself
@@ -171,9 +171,9 @@ def test_smollm2_loads_from_its_gguf_file_and_answers(tmp_path_factory):
     stream = instruction_stream([{"generator": "sentiment"}], tokenizer="smollm2", cache_dir=str(cache),
                                 train_size=2, test_size=1,
                                 retention={"prompts": ["What is the capital of France?"], "max_new_tokens": 12})
-    prompt = model.tokenizer.decode(stream.probe.prompts.seqs[0])
+    prompt = model.tokenizer.decode(stream.retention.prompts.seqs[0])
     assert "<|im_start|>user\nWhat is the capital of France?<|im_end|>" in prompt  # SmolLM2's own template
-    answer = stream.probe.answers(Strategy(model, None), "cpu")[0]
+    answer = RetentionProbe(stream.retention).answers(Strategy(model, None), "cpu")[0]
     assert "Paris" in answer
 
 

@@ -19,15 +19,15 @@
 
 The model runs in eval mode under `inference_mode`; every module's train/eval
 state is restored afterwards (BatchNorm, dropout). Per-sample correctness comes
-from the strategy's `predict` through the stream's scorer (classification by
-default: argmax, and argmax within the experience's classes for task-aware
-accuracy). Outside the task-incremental setting, `predict` sees task label -1.
+from the strategy's declared methods through the scorer of the stream's modality
+(`scorer_for`): for classification, `predict`'s argmax, and the argmax within the
+experience's classes for task-aware accuracy. Outside the task-incremental setting, `predict` sees task label -1.
 
 Instruction streams (`cl.evaluation.text`): continual evaluation is teacher-forced
-exact match (the stream's scorer on `predict`'s logits); full evaluations score
-greedy generations with each task's metric (`stream.generative_scorer` through the
-strategy's `generate`); the stream's retention probe records the base model's
-answers in `initial()` and scores agreement with them at every experience end.
+exact match on `predict`'s logits; full evaluations score greedy generations (the
+strategy's `generate`) with each task's metric; the retention probe, built from the
+stream's prompts (`stream.retention`), records the base model's answers in
+`initial()` and scores agreement with them at every experience end.
 
 Each pass reports its batches to the run's logger (`RunLogger.progress`), so the
 console shows a bar for a pass that takes more than a few seconds (`ConsoleLogger`).
@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import time
 from array import array
+from dataclasses import dataclass
 from contextlib import nullcontext
 from typing import Callable
 
@@ -96,62 +97,91 @@ def classification_scores(logits: Tensor, batch: Batch, classes: Tensor, task_aw
     return correct, int((pred_aware == y).sum())
 
 
+class ClassificationScorer:
+    """Correct counts from `predict`'s logits over the labels seen so far (`classification_scores`)."""
+
+    def __init__(self, stream: Stream, device: torch.device):
+        self.task_aware = stream.setting in ("class", "task")
+        self.classes = [torch.tensor(e.classes, device=device) for e in stream]
+
+    def __call__(self, strategy, batch: Batch, exp, full: bool) -> tuple[int, int]:
+        return classification_scores(strategy.predict(batch), batch, self.classes[exp.index], self.task_aware)
+
+
+def scorer_for(stream: Stream, device: torch.device):
+    """The stream's modality picks how a batch is scored: (strategy, batch, experience, full) -> counts."""
+    if stream.modality == "instruction":
+        from cl.evaluation.text import InstructionScorer
+
+        return InstructionScorer()
+    return ClassificationScorer(stream, device)
+
+
+@dataclass
+class Evaluation:
+    """`evaluation.*` in the config (see the module docstring and conf/evaluation/default.yaml)."""
+
+    every: int = 0
+    subset: int = 1000
+    batch_size: int = 512
+    split: str = "test"
+    resample: bool = False
+    at_epoch_end: bool = True
+    pre_update: str = "first"
+    period: str = "epoch"
+    budget: float | None = None
+    windows: tuple = (10, 100)
+    lca_beta: int = 10
+
+    def __post_init__(self):
+        for name, low in (("every", 0), ("subset", 1), ("batch_size", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                kind = "a non-negative" if low == 0 else "a positive"
+                raise UserError(f"evaluation.{name} must be {kind} integer, got {value!r}.")
+        for name, allowed in (("split", ("test", "validation")), ("pre_update", ("first", "every")),
+                              ("period", ("epoch", "global"))):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"evaluation.{name} must be {' or '.join(allowed)}, not {getattr(self, name)!r}.")
+        if self.budget is not None and not 0 < self.budget < 1:
+            raise UserError(f"evaluation.budget must be a fraction in (0, 1) or null, got {self.budget!r}.")
+        self.windows = tuple(self.windows)
+
+
 class Evaluator:
-    def __init__(
-        self,
-        stream: Stream,
-        strategy,
-        log: Callable[[dict], None] = lambda event: None,
-        every: int = 0,
-        subset: int = 1000,
-        batch_size: int = 512,
-        split: str = "test",
-        resample: bool = False,
-        at_epoch_end: bool = True,
-        pre_update: str = "first",
-        period: str = "epoch",
-        budget: float | None = None,
-        windows=(10, 100),
-        lca_beta: int = 10,
-        seed: int = 0,
-        device: torch.device | str = "cpu",
-        precision: str = "32",
-    ):
-        if split not in ("test", "validation"):
-            raise UserError(f"evaluation.split must be test or validation, not {split!r}.")
-        for name, value in (("every", every), ("subset", subset), ("batch_size", batch_size)):
-            if not isinstance(value, int) or value < (0 if name == "every" else 1):
-                raise UserError(f"evaluation.{name} must be a {'non-negative' if name == 'every' else 'positive'} integer, got {value!r}.")
-        if pre_update not in ("first", "every"):
-            raise UserError(f"evaluation.pre_update must be first or every, not {pre_update!r}.")
-        if period not in ("epoch", "global"):
-            raise UserError(f"evaluation.period must be epoch or global, not {period!r}.")
-        if budget is not None and not 0 < budget < 1:
-            raise UserError(f"evaluation.budget must be a fraction in (0, 1) or null, got {budget!r}.")
+    def __init__(self, stream: Stream, strategy, settings: Evaluation | None = None,
+                 log: Callable[[dict], None] = lambda event: None, seed: int = 0,
+                 device: torch.device | str = "cpu", precision: str = "32"):
+        settings = settings or Evaluation()
         self.stream = stream
         self.strategy = strategy
         self.log = log
-        self.every = int(every)
-        self.batch_size = int(batch_size)
+        self.every = settings.every
+        self.batch_size = settings.batch_size
         self.device = torch.device(device)
         self.precision = str(precision)
-        self.split = split
-        self.data: list[TensorData] = [e.valid if split == "validation" else e.eval for e in stream]
-        if split == "validation" and any(d is None for d in self.data):
+        self.split = settings.split
+        self.data: list[TensorData] = [e.valid if self.split == "validation" else e.eval for e in stream]
+        if self.split == "validation" and any(d is None for d in self.data):
             raise UserError("evaluation.split=validation needs a validation split: set scenario.validation=0.1 (a fraction).")
-        self.subset_size = int(subset)
-        self.resample = resample
-        self.at_epoch_end = at_epoch_end
-        self.pre_update = pre_update
-        self.period = period
-        self.budget = budget
-        self.windows = tuple(windows)
-        self.lca_beta = lca_beta
+        self.subset_size = settings.subset
+        self.resample = settings.resample
+        self.at_epoch_end = settings.at_epoch_end
+        self.pre_update = settings.pre_update
+        self.period = settings.period
+        self.budget = settings.budget
+        self.windows = settings.windows
+        self.lca_beta = settings.lca_beta
         self.generator = torch.Generator().manual_seed(int(seed) * 7919 + 17)
         self.subsets = [self._fixed_subset(d, seed, j) for j, d in enumerate(self.data)]
         self.sizes = [len(d) for d in self.data]
-        self.task_aware_available = stream.setting in ("class", "task")
-        self.scorer = stream.scorer or classification_scores
+        self.score = scorer_for(stream, self.device)
+        self.task_aware_available = self.score.task_aware
+        self.probe = None
+        if stream.retention is not None:
+            from cl.evaluation.text import RetentionProbe
+
+            self.probe = RetentionProbe(stream.retention)
         # results
         self.initial_row: list[float] | None = None
         self.initial_row_task_aware: list[float] | None = None
@@ -190,11 +220,8 @@ class Evaluator:
 
     def accuracy(self, j: int, data: TensorData, full: bool = False,
                  advance: Callable[[], None] = lambda: None) -> tuple[float, float | None]:
-        """(task-agnostic accuracy, task-aware accuracy or None) of the current model on `data`.
-        Instruction streams score generations at full evaluations (`stream.generative_scorer`).
-        `advance` is called after each batch."""
-        generative = self.stream.generative_scorer if full else None
-        classes = torch.tensor(self.stream[j].classes, device=self.device)
+        """(task-agnostic accuracy, task-aware accuracy or None) of the current model on `data`,
+        by the stream's scorer (`full`: a full evaluation). `advance` is called after each batch."""
         correct = correct_aware = 0
         # under DDP each rank scores every world-th batch; the counts are summed over ranks
         for batch in data.batches(self.batch_size, start=distributed.rank(), step=distributed.world()):
@@ -204,10 +231,7 @@ class Evaluator:
             if not self.stream.task_aware:
                 batch.t = torch.full_like(batch.t, -1)
             with self.autocast():
-                if generative is not None:
-                    c, ca = generative(self.strategy, batch, self.stream[j])
-                else:
-                    c, ca = self.scorer(self.strategy.predict(batch), batch, classes, self.task_aware_available)
+                c, ca = self.score(self.strategy, batch, self.stream[j], full)
             correct += c
             correct_aware += ca
             advance()
@@ -303,14 +327,14 @@ class Evaluator:
 
     def _retention(self, i: int, iteration: int) -> None:
         """The retention probe of instruction streams: base answers first, then agreement with them."""
-        if self.stream.probe is None:
+        probe = self.probe
+        if probe is None:
             return
-        probe = self.stream.probe
         with eval_mode(self.strategy.model), self.progress("retention probe", probe.num_batches) as advance:
             agreement = probe.measure(self.strategy, self.device, advance)
         if agreement is not None:
             self.log({"event": "retention", "iteration": iteration, "experience": i, "agreement": agreement,
-                      "exact_agreement": self.stream.probe.exact[-1]})
+                      "exact_agreement": probe.exact[-1]})
 
     # ---- results -------------------------------------------------------------------
     @property
@@ -351,10 +375,10 @@ class Evaluator:
                 "experience_ends": self.ends,
             },
         }
-        if self.stream.probe is not None:
-            out["retention"] = self.stream.probe.results()
-            if self.stream.probe.agreement:
-                out["metrics"]["retention"] = self.stream.probe.agreement[-1]
+        if self.probe is not None:
+            out["retention"] = self.probe.results()
+            if self.probe.agreement:
+                out["metrics"]["retention"] = self.probe.agreement[-1]
         if self.task_aware_available:
             other = self.rows if aware else self.rows_task_aware
             name = "task_agnostic" if aware else "task_aware"
@@ -372,7 +396,7 @@ class Evaluator:
             "generator": self.generator.get_state(), "eval_seconds": self.eval_seconds,
             "matrix_seconds": self.matrix_seconds,
             "wall": self.clock_offset + time.perf_counter() - self.clock_start,
-            "probe": self.stream.probe.state_dict() if self.stream.probe is not None else None,
+            "probe": self.probe.state_dict() if self.probe is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -386,5 +410,5 @@ class Evaluator:
         self.generator.set_state(state["generator"])
         self.eval_seconds, self.matrix_seconds = state["eval_seconds"], state["matrix_seconds"]
         self.clock_offset, self.clock_start = state["wall"], time.perf_counter()
-        if self.stream.probe is not None and state.get("probe") is not None:
-            self.stream.probe.load_state_dict(state["probe"])
+        if self.probe is not None and state.get("probe") is not None:
+            self.probe.load_state_dict(state["probe"])

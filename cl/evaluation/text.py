@@ -19,8 +19,7 @@ import functools
 
 from torch import Tensor
 
-from cl.errors import UserError
-from cl.stream import Batch, TokenData
+from cl.stream import TEXT_METRICS, Batch, RetentionPrompts
 
 class _Whitespace:
     """rouge_score's default tokenizer drops every non-ASCII character; whitespace keeps every language."""
@@ -49,36 +48,42 @@ def edit_similarity(prediction: str, reference: str) -> float:
     return difflib.SequenceMatcher(None, prediction, reference).ratio()
 
 
-SCORERS = {"exact": exact_match, "rouge_l": rouge_l, "edit_similarity": edit_similarity}
+SCORERS = dict(zip(TEXT_METRICS, (exact_match, rouge_l, edit_similarity)))
 
 
-def check_metric(metric: str, task: str) -> str:
-    if metric not in SCORERS:
-        raise UserError(f"Task {task} has metric {metric!r}; use one of {', '.join(SCORERS)}.")
-    return metric
-
-
-def teacher_forced_scores(logits: Tensor, batch: Batch, classes, task_aware: bool) -> tuple[int, int]:
+def teacher_forced_scores(logits: Tensor, batch: Batch) -> int:
     """Samples whose every response token is the argmax under teacher forcing."""
     targets = batch.y
     hit = (logits.argmax(-1) == targets) | (targets == -100)
-    return int(hit.all(1).sum()), 0
+    return int(hit.all(1).sum())
 
 
-def generated_scores(strategy, batch: Batch, exp) -> tuple[float, int]:
+def generated_scores(strategy, batch: Batch, exp) -> float:
     """Sum of the experience's metric over greedy generations of the batch."""
     outputs = strategy.generate(batch, batch.extra["max_new_tokens"])
     score = SCORERS[exp.metric]
-    return sum(score(o, a) for o, a in zip(outputs, batch.extra["answers"])), 0
+    return sum(score(o, a) for o, a in zip(outputs, batch.extra["answers"]))
+
+
+class InstructionScorer:
+    """The scorer of instruction streams: teacher-forced exact match on `predict`'s logits in
+    continual evaluation, the task's metric on `generate`'s output in full evaluations."""
+
+    task_aware = False
+
+    def __call__(self, strategy, batch: Batch, exp, full: bool) -> tuple[float, int]:
+        if full:
+            return generated_scores(strategy, batch, exp), 0
+        return teacher_forced_scores(strategy.predict(batch), batch), 0
 
 
 class RetentionProbe:
     """Agreement with the base model's own answers to general prompts."""
 
-    def __init__(self, prompts: TokenData, max_new_tokens: int = 32, batch_size: int = 16):
-        self.prompts = prompts
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
+    def __init__(self, retention: RetentionPrompts):
+        self.prompts = retention.prompts
+        self.max_new_tokens = retention.max_new_tokens
+        self.batch_size = retention.batch_size
         self.reference: list[str] | None = None
         self.agreement: list[float] = []
         self.exact: list[float] = []
