@@ -77,3 +77,16 @@ def test_scenarios_hand_over_plain_data_and_cl_never_probes_a_strategy():
                 if "strategy" in target:
                     probes.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
     assert not probes, probes
+
+
+def test_the_loop_stays_readable():
+    """engine.train reads top to bottom in at most 120 lines, every other function in cl/ in at most 80."""
+    lengths = {}
+    for path in (ROOT / "cl").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lengths[f"{module_name(path)}.{node.name}:{node.lineno}"] = node.end_lineno - node.lineno + 1
+    train = [n for n in lengths if n.startswith("cl.engine.train:")]
+    assert len(train) == 1 and lengths[train[0]] <= 120, lengths[train[0]]
+    long = {n: k for n, k in lengths.items() if k > 80 and n not in train}
+    assert not long, long
