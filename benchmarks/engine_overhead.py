@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cl import engine, runtime
+from cl import checkpoint, engine, runtime
 from cl.evaluation import Evaluation, Evaluator
 from cl.loggers import JsonlLogger, RunLogger
 from cl.models import Classifier, ReducedResNet18
@@ -59,7 +59,7 @@ def run_cl(stream, folder: Path) -> torch.nn.Module:
     log = RunLogger([jsonl])
     evaluator = Evaluator(stream, strategy, Evaluation(every=0, batch_size=512), log, seed=SEED, device="cpu")
     trainer = engine.Trainer(epochs=1, batch_size=BATCH, device="cpu", log_every=10)
-    engine.train(stream, strategy, evaluator, log, trainer, engine.Checkpointer(folder / "ckpt", jsonl=jsonl), SEED)
+    engine.train(stream, strategy, evaluator, log, trainer, checkpoint.Checkpointer(folder / "ckpt", jsonl=jsonl), SEED)
     log.close()
     return model
 

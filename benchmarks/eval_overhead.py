@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cl import engine
+from cl import checkpoint, engine
 from cl.evaluation import Evaluation, Evaluator
 from cl.runtime import eval_mode
 from cl.loggers import JsonlLogger, RunLogger
@@ -94,7 +94,7 @@ def eval_share(every: int) -> tuple[float, int]:
         log = RunLogger([jsonl])
         ev = Evaluator(stream, strategy, Evaluation(every=every, subset=SUBSET, batch_size=EVAL_BATCH), log)
         engine.train(stream, strategy, ev, log, engine.Trainer(epochs=3, batch_size=32, device="cpu"),
-                     engine.Checkpointer(Path(tmp) / "ckpt", jsonl=jsonl), seed=0)
+                     checkpoint.Checkpointer(Path(tmp) / "ckpt", jsonl=jsonl), seed=0)
         log.close()
     return ev.eval_share, sum(len(t) for t in ev.trace_iters)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from cl import engine, runtime
+from cl import checkpoint, engine, runtime
 from cl.evaluation import Evaluation, Evaluator
 from cl.loggers import JsonlLogger, RunLogger
 from cl.models import MLP, Classifier
@@ -64,7 +64,7 @@ def run(tasks: int, folder: Path) -> dict:
     evaluator = Evaluator(stream, strategy, Evaluation(every=EVERY, subset=SUBSET, batch_size=512), log, seed=SEED, device="cpu")
     trainer = engine.Trainer(epochs=1, batch_size=BATCH, device="cpu", log_every=10)
     start = time.perf_counter()
-    pos = engine.train(stream, strategy, evaluator, log, trainer, engine.Checkpointer(folder / "ckpt", jsonl=jsonl), SEED)
+    pos = engine.train(stream, strategy, evaluator, log, trainer, checkpoint.Checkpointer(folder / "ckpt", jsonl=jsonl), SEED)
     wall = time.perf_counter() - start
     log.close()
     its = pos.iteration

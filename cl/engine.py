@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from cl import distributed
-from cl.checkpoint import CHECKPOINT, Checkpointer, Position, Preemption, RunState  # noqa: F401 - re-exported
+from cl.checkpoint import Checkpointer, Position, Preemption, RunState
 from cl.errors import Diverged, UserError
 from cl.evaluation import Evaluator
 from cl.loggers import RunLogger

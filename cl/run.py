@@ -22,7 +22,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cl import distributed, engine, runtime
+from cl import checkpoint, distributed, engine, runtime
 from cl.checks import build, check_config
 from cl.errors import UserError, cannot_write
 from cl.evaluation import Evaluation, Evaluator
@@ -70,7 +70,7 @@ def existing_run(cfg: DictConfig, run_dir: Path) -> str:
         )
     if (run_dir / "results.json").is_file():
         return "finished"
-    return "checkpoint" if (run_dir / "checkpoints" / engine.CHECKPOINT).is_file() else "fresh"
+    return "checkpoint" if (run_dir / "checkpoints" / checkpoint.CHECKPOINT).is_file() else "fresh"
 
 
 def load_resume(cfg: DictConfig, run_dir: Path, touched: list[str]) -> tuple[DictConfig, dict | None]:
@@ -95,8 +95,8 @@ def load_resume(cfg: DictConfig, run_dir: Path, touched: list[str]) -> tuple[Dic
             f"{' ...' if len(differing) > 10 else ''}; resume with `resume={run_dir}` alone, or start a new run."
         )
     saved.resume = str(run_dir)
-    ckpt = run_dir / "checkpoints" / engine.CHECKPOINT
-    return saved, (engine.Checkpointer.load(ckpt) if ckpt.is_file() else None)
+    ckpt = run_dir / "checkpoints" / checkpoint.CHECKPOINT
+    return saved, (checkpoint.Checkpointer.load(ckpt) if ckpt.is_file() else None)
 
 
 def missing_weights(cfg: DictConfig) -> str | None:
@@ -262,9 +262,9 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
         events({"event": "run_start", "protocol": proto, "device": str(device), "provenance": origin})
 
     try:
-        with engine.Preemption() as preemption:
+        with checkpoint.Preemption() as preemption:
             position = engine.train(stream, strategy, evaluator, events, trainer,
-                                    engine.Checkpointer(run_dir / "checkpoints", jsonl=jsonl), cfg.seed, resume_state,
+                                    checkpoint.Checkpointer(run_dir / "checkpoints", jsonl=jsonl), cfg.seed, resume_state,
                                     preemption)
         results = {"protocol": proto, **evaluator.results(), "iterations": position.iteration,
                    "provenance": origin, "config_sha256": fingerprint}

@@ -146,7 +146,7 @@ def test_last_trace_point_of_an_experience_is_the_model_the_matrix_scores(tmp_pa
     """A strategy that changes its model in `after_experience` (here: the table of predictions)
     is traced after that hook at the experience's last iteration, so the trace's last point
     equals the accuracy matrix's row (the subset is the whole eval split here)."""
-    from cl import engine
+    from cl import checkpoint, engine
     from cl.evaluation import Evaluation, Evaluator
     from cl.loggers import RunLogger
     from tests.test_evaluator import TableStrategy, stream
@@ -154,7 +154,7 @@ def test_last_trace_point_of_an_experience_is_the_model_the_matrix_scores(tmp_pa
     s, strategy = stream(setting), TableStrategy()
     ev = Evaluator(s, strategy, Evaluation(every=1, subset=1000))
     engine.train(s, strategy, ev, RunLogger([]), engine.Trainer(epochs=2, batch_size=2),
-                 engine.Checkpointer(tmp_path), seed=0)
+                 checkpoint.Checkpointer(tmp_path), seed=0)
     res = ev.results()
     for i, end in enumerate(res["continual_evaluation"]["experience_ends"]):
         for j in range(i + 1):

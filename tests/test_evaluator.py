@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cl import engine
+from cl import checkpoint, engine
 from cl.errors import UserError
 from cl.evaluation import Evaluation, Evaluator
 from cl.runtime import eval_mode
@@ -77,7 +77,7 @@ def test_accuracy_matrix_golden(tmp_path, setting):
     events = []
     ev = Evaluator(s, strategy, Evaluation(every=0), events.append)
     engine.train(s, strategy, ev, RunLogger([]), engine.Trainer(epochs=1, batch_size=2),
-                 engine.Checkpointer(tmp_path), seed=0)
+                 checkpoint.Checkpointer(tmp_path), seed=0)
     res = ev.results()
     if setting == "class":
         assert res["accuracy"] == "task-agnostic"
