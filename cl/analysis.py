@@ -55,14 +55,11 @@ def run_config(run: Path) -> dict:
 def config_differences(run: str | Path, overrides: Sequence[str]) -> list[str]:
     """Dotted keys where the run's saved config.yaml differs from the config that
     `python -m cl <overrides>` would run now (`hydra.*` overrides and `resume` aside)."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from cl.cli import CONF_DIR, register_resolvers
+    from cl.checks import compose
 
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=[o for o in overrides if not o.lstrip("+~").startswith("hydra")])
+    cfg = compose([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
     asked = flatten(OmegaConf.to_container(cfg, resolve=True))
     saved = flatten(yaml.safe_load((Path(run) / "config.yaml").read_text()) or {})
     return sorted(k for k in set(asked) | set(saved) if k != "resume" and asked.get(k) != saved.get(k))

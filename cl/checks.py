@@ -149,15 +149,17 @@ def _first_value(o) -> str:
     return f"{o.get_key_element()}={Override._get_value_element_as_str(v)}"
 
 
-def _compose(overrides: list[str]) -> DictConfig:
-    """The config with Hydra's node (where the run or sweep folder is)."""
-    from hydra import compose, initialize_config_dir
+def compose(overrides: list[str], hydra_node: bool = False) -> DictConfig:
+    """The config `python -m cl <overrides>` would run, composed in-process (with Hydra's own
+    node, which says where the run or sweep folder is, if `hydra_node`)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     from cl.resolvers import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=True)
+        return hydra_compose("config", overrides=overrides, return_hydra_config=hydra_node)
 
 
 def _missing_key(error: Exception) -> str | None:
@@ -204,7 +206,7 @@ def check_overrides(argv: list[str]) -> DictConfig:
     bad = None
     while True:  # drop each override naming a missing key (keeping the first), to list the valid keys
         try:
-            cfg = _compose([*hydra_overrides, *(arg for _, arg in overrides)])
+            cfg = compose([*hydra_overrides, *(arg for _, arg in overrides)], hydra_node=True)
             break
         except ConfigCompositionException as e:
             key = _missing_key(e)

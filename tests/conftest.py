@@ -20,14 +20,9 @@ CONF = ROOT / "conf"
 
 def compose(overrides: list[str]):
     """The config `python -m cl <overrides>` would run, composed in-process."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from cl.checks import compose as cl_compose
 
-    from cl.cli import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides)
+    return cl_compose(overrides)
 
 
 def run_inprocess(overrides: list[str], run_dir: Path, resume_state=None) -> dict:
