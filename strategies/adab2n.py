@@ -20,7 +20,10 @@
 In eval mode it is ordinary BN with the running statistics.
 
 Composition: `AdaB2N` wraps any strategy by configuration (the `base` node of
-`conf/strategy/adab2n.yaml`, ER-ACE by default; DER++ and ER plug in the same way).
+`conf/strategy/adab2n.yaml`, ER-ACE by default; DER++ and ER plug in the same way),
+reading only what a replay strategy declares (`Replays` in strategies/buffer.py:
+`joint_forward`, `replay_batches`); a base that does not replay gets neither the task
+weighting nor the regulariser.
 The per-sample task is the sample's experience label t (stream and buffer
 samples both carry it); the official code derives it as y // classes_per_task,
 which is the same thing when each task's labels are contiguous, and this also
@@ -50,6 +53,7 @@ from torch import Tensor, nn
 
 from cl.errors import UserError
 from cl.strategy import Strategy
+from strategies.buffer import Replays
 
 
 class AdaB2NNorm(nn.BatchNorm2d):
@@ -164,7 +168,8 @@ class AdaB2NMixin:
 
     @property
     def replays(self) -> bool:
-        return getattr(self, "buffer", None) is not None
+        """Whether the base method replays (declares `Replays`)."""
+        return isinstance(self, Replays)
 
     def forward(self, x: Tensor, t: Tensor | None = None) -> Tensor:
         tasks = t if (self.replays and t is not None) else None
@@ -175,9 +180,10 @@ class AdaB2NMixin:
     def training_step(self, batch):
         for layer in self.norms:
             layer.reg_sum = None
-        self.replayed = False
+        drawn = self.replay_batches if self.replays else 0
         loss = super().training_step(batch)
-        if self.replayed and self.lam and self.experience_index >= self.t0:
+        replayed = self.replays and self.replay_batches > drawn
+        if replayed and self.lam and self.experience_index >= self.t0:
             # λ·Σ_layers R, only in steps that replay (as the official code)
             regs = [layer.reg_sum for layer in self.norms if layer.reg_sum is not None]
             if regs:
@@ -202,8 +208,9 @@ def AdaB2N(model, optimizer, scheduler=None, base=None, kappa: float = 0.1, lam:
         raise UserError("strategy.base must be a strategy config with _partial_: true (e.g. the ER-ACE config); "
                         "see conf/strategy/adab2n.yaml.")
     cls = type(f"AdaB2N{base_cls.__name__}", (AdaB2NMixin, base_cls), {})
-    strategy = cls(model=model, optimizer=optimizer, scheduler=scheduler, *base.args, **base.keywords)
-    if norm == "adab2n":
-        strategy.joint_forward = True  # stream and replay samples in one forward (one set of statistics)
+    options = dict(base.keywords)
+    if norm == "adab2n" and issubclass(base_cls, Replays):
+        options["joint_forward"] = True  # stream and replay samples in one forward (one set of statistics)
+    strategy = cls(model=model, optimizer=optimizer, scheduler=scheduler, *base.args, **options)
     strategy.kappa, strategy.lam, strategy.t0, strategy.norm = float(kappa), float(lam), int(t0), norm
     return strategy

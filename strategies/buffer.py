@@ -1,10 +1,21 @@
-"""A reservoir replay buffer that stores samples in their raw form (uint8 images)."""
+"""Replay building blocks: a reservoir buffer that stores samples in their raw form (uint8
+images), and `Replays`, what a replaying strategy declares to a method that wraps it."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from cl import distributed
+
+
+class Replays:
+    """Declared by the strategies that replay from a buffer (strategies/replay.py), read by a
+    method that wraps one (AdaB²N): `joint_forward`, whether stream and replay samples go through
+    one concatenated forward (a constructor option), and `replay_batches`, the replay batches
+    drawn so far (a training step replayed if it grew during the step)."""
+
+    joint_forward: bool = False
+    replay_batches: int = 0
 
 
 class ReservoirBuffer:

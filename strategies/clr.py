@@ -36,8 +36,11 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cl.errors import UserError
+from cl.evaluation.evaluator import classification_scores
 from cl.stream import Batch
 from cl.strategy import Strategy
+from strategies.passes import eval_batches
+from strategies.per_task import KeepBest, ParameterSet, to_device
 
 
 class Reprogram(nn.Module):
@@ -71,7 +74,8 @@ class CLR(Strategy):
         if select not in ("last", "best_validation"):
             raise UserError(f"strategy.select must be last or best_validation, not {select!r}.")
         self.lam, self.full, self.select = lam, full, select
-        self.sets: dict[int, dict[str, Tensor]] = {}
+        self.sets: dict[int, dict[str, Tensor]] = {}  # a finished task's set and head rows
+        self.best = KeepBest()
 
     def setup(self, stream, context=None):
         super().setup(stream, context)
@@ -91,8 +95,8 @@ class CLR(Strategy):
         for m in self.reprograms + self.norms:
             for p in m.parameters():
                 p.requires_grad_(True)
-        self.set_tensors = {f"backbone.{n}": t for n, t in self._set_items(backbone)}
-        self.pristine = self._snapshot()
+        self.task_set = ParameterSet({f"backbone.{n}": t for n, t in self._set_items(backbone)})
+        self.pristine = self.task_set.snapshot()
         self.pristine_head = {k: t.detach().clone() for k, t in self._head().named_parameters()}  # every task's rows
 
     @staticmethod
@@ -105,33 +109,32 @@ class CLR(Strategy):
     def _head(self):
         return self.model.head.fc
 
-    def _snapshot(self, task: int | None = None) -> dict[str, Tensor]:
-        state = {k: t.detach().clone() for k, t in self.set_tensors.items()}
-        if task is not None:
-            rows = torch.tensor(self.stream[task].classes, device=self.device)
-            state["head.weight"] = self._head().weight.detach()[rows].clone()
-            if self._head().bias is not None:
-                state["head.bias"] = self._head().bias.detach()[rows].clone()
+    def _snapshot(self, task: int) -> dict[str, Tensor]:
+        """The task's set with its head rows."""
+        state = self.task_set.snapshot()
+        rows = torch.tensor(self.stream[task].classes, device=self.device)
+        state["head.weight"] = self._head().weight.detach()[rows].clone()
+        if self._head().bias is not None:
+            state["head.bias"] = self._head().bias.detach()[rows].clone()
         return state
 
     @torch.no_grad()
-    def _load(self, state: dict[str, Tensor], task: int | None = None) -> None:
-        for k, t in self.set_tensors.items():
-            t.copy_(state[k])
-        if task is not None and "head.weight" in state:
-            rows = torch.tensor(self.stream[task].classes, device=self.device)
-            self._head().weight[rows] = state["head.weight"]
-            if "head.bias" in state:
-                self._head().bias[rows] = state["head.bias"]
+    def _load(self, state: dict[str, Tensor], task: int) -> None:
+        """A task's set and head rows into the live model."""
+        self.task_set.load(state)
+        rows = torch.tensor(self.stream[task].classes, device=self.device)
+        self._head().weight[rows] = state["head.weight"]
+        if "head.bias" in state:
+            self._head().bias[rows] = state["head.bias"]
 
     # ---- hooks ------------------------------------------------------------------
     def before_experience(self, exp, plan=None):
         super().before_experience(exp, plan)
-        self._load(self.pristine)  # a fresh model from the same immutable weights, and a fresh head
+        self.task_set.load(self.pristine)  # a fresh model from the same immutable weights, and a fresh head
         with torch.no_grad():
             for k, p in self._head().named_parameters():
                 p[exp.classes] = self.pristine_head[k][exp.classes]
-        self.best = (-1.0, None)
+        self.best.reset()
 
     def parameters_to_optimize(self):
         return [p for m in self.reprograms + self.norms for p in m.parameters()] + list(self._head().parameters())
@@ -157,28 +160,16 @@ class CLR(Strategy):
         valid = self.experience.valid
         if valid is None:
             raise UserError("strategy.select=best_validation needs a validation split; set scenario.validation=0.1.")
-        acc = self._accuracy(valid)
-        if acc > self.best[0]:
-            self.best = (acc, self._snapshot(self.experience.index))
-
-    def _accuracy(self, data) -> float:
-        from cl.runtime import eval_mode
-
-        correct = 0
-        with eval_mode(self.model):
-            for batch in data.batches(256):
-                batch = batch.to(self.device)
-                if self.stream.eval_transform is not None:
-                    batch.x = self.stream.eval_transform(batch.x)
-                classes = torch.tensor(self.experience.classes, device=self.device)
-                pred = classes[self.model(batch.x)[:, classes].argmax(1)]
-                correct += int((pred == batch.y).sum())
-        return correct / max(len(data), 1)
+        with torch.no_grad():  # the task-aware accuracy of the live model, as the evaluator scores it
+            classes = torch.tensor(self.experience.classes, device=self.device)
+            correct = sum(classification_scores(self.model(b.x), b, classes, True)[1]
+                          for b in eval_batches(self, valid, 256))
+        self.best.offer(correct / max(len(valid), 1), lambda: self._snapshot(self.experience.index))
 
     def after_experience(self, exp):
         super().after_experience(exp)
-        if self.select == "best_validation" and self.best[1] is not None:
-            self._load(self.best[1], exp.index)
+        if self.select == "best_validation" and self.best.state is not None:
+            self._load(self.best.state, exp.index)
         self.sets[exp.index] = self._snapshot(exp.index)
 
     @torch.no_grad()
@@ -187,33 +178,31 @@ class CLR(Strategy):
         once it has finished, the live set and rows while it trains, the pristine set (and its
         untouched rows) before. The task-aware accuracy reads the sample's own task's columns."""
         head = self._head()
-        current = self.experience_index
-        live = self._snapshot()
         models: dict = {}  # which set -> the tasks whose columns it gives
         for u in range(len(self.stream)):
-            models.setdefault(u if u in self.sets else "live" if u == current else "pristine", []).append(u)
+            models.setdefault(u if u in self.sets else "live" if u == self.experience_index else "pristine", []).append(u)
         out = None
-        for key, tasks in models.items():
-            self._load(live if key == "live" else self.pristine if key == "pristine" else self.sets[key])
-            features = self.model.backbone(batch.x)
-            for u in tasks:
-                rows = torch.tensor(self.stream[u].classes, device=features.device)
-                heads = dict(head.named_parameters()) if key == "live" else self.pristine_head
-                own = self.sets.get(u) or {f"head.{k}": v[rows] for k, v in heads.items()}
-                logits = F.linear(features, own["head.weight"], own.get("head.bias"))
-                out = features.new_zeros(len(batch), head.out_features, dtype=logits.dtype) if out is None else out
-                out[:, rows] = logits
-        self._load(live)
+        with self.task_set.swapped() as use:
+            for key, tasks in models.items():
+                use(None if key == "live" else self.pristine if key == "pristine" else self.sets[key])
+                features = self.model.backbone(batch.x)
+                for u in tasks:
+                    rows = torch.tensor(self.stream[u].classes, device=features.device)
+                    heads = dict(head.named_parameters()) if key == "live" else self.pristine_head
+                    own = self.sets.get(u) or {f"head.{k}": v[rows] for k, v in heads.items()}
+                    logits = F.linear(features, own["head.weight"], own.get("head.bias"))
+                    out = features.new_zeros(len(batch), head.out_features, dtype=logits.dtype) if out is None else out
+                    out[:, rows] = logits
         return out
 
     # ---- checkpoint -------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "sets": self.sets, "best": self.best, "pristine_head": self.pristine_head}
+        return {**super().state_dict(), "sets": self.sets, "best": self.best.state_dict(),
+                "pristine_head": self.pristine_head}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self.sets = {int(k): {n: t.to(self.device) for n, t in v.items()} for k, v in state["sets"].items()}
-        acc, best = state.get("best", (-1.0, None))
-        self.best = (acc, None if best is None else {n: t.to(self.device) for n, t in best.items()})
+        self.sets = {int(k): to_device(v, self.device) for k, v in state["sets"].items()}
+        self.best.load_state_dict(state.get("best", (-1.0, None)), self.device)
         if "pristine_head" in state:  # the rows every task starts from, as the run drew them
-            self.pristine_head = {n: t.to(self.device) for n, t in state["pristine_head"].items()}
+            self.pristine_head = to_device(state["pristine_head"], self.device)

@@ -56,6 +56,7 @@ move, so an old task's unrestricted argmax can change (the official measurement)
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,7 @@ from cl import distributed
 from cl.errors import UserError
 from cl.stream import Batch
 from cl.strategy import Strategy
+from strategies.per_task import KeepBest, ParameterSet
 
 
 def erk_densities(shapes: list[tuple[int, ...]], density: float) -> list[float]:
@@ -107,7 +109,8 @@ class DST(Strategy):
         self.eval_logits, self.keep_best, self.revived, self.mask_draw = eval_logits, keep_best, revived, mask_draw
         self.seed = seed
         self.task_aware_accuracy = eval_logits == "task"
-        self.masks: dict[int, list[Tensor]] = {}
+        self.masks: dict[int, list[Tensor]] = {}  # M_j of every finished task
+        self.best = KeepBest()
 
     # ---- set-up ---------------------------------------------------------------------
     def setup(self, stream, context=None):
@@ -120,10 +123,11 @@ class DST(Strategy):
                 if isinstance(child, nn.modules.batchnorm._BatchNorm) and (child.affine or child.track_running_stats):
                     setattr(module, name, type(child)(child.num_features, eps=child.eps, affine=False,
                                                       track_running_stats=False).to(self.device))
-        self.layers = [(n, m) for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        if not self.layers:
+        layers = {n: m.weight for n, m in self.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        if not layers:
             raise UserError("strategy=dst found no conv or linear layer to sparsify.")
-        self.weights = [m.weight for _, m in self.layers]
+        self.weights = list(layers.values())
+        self.weight_set = ParameterSet(layers)  # a finished task j's set is W∪ ⊙ M_j
         head_bias = getattr(self.model.head.fc, "bias", None) if hasattr(self.model, "head") else None
         masked = {id(w) for w in self.weights} | ({id(head_bias)} if head_bias is not None else set())
         self.others = [p for p in self.model.parameters() if id(p) not in masked]
@@ -160,7 +164,7 @@ class DST(Strategy):
         self.step = 0
         self.total_steps = max(plan.steps, 1)  # optimizer steps of the task: the drop rate's cosine spans them
         self.correct = self.seen = 0
-        self.best = (-1.0, None)
+        self.best.reset()
 
     def parameters_to_optimize(self):
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -246,17 +250,18 @@ class DST(Strategy):
         correct, seen = distributed.all_sum([self.correct, self.seen], self.device)  # DDP: every rank's share
         acc = correct / max(seen, 1)
         self.correct = self.seen = 0
-        if self.keep_best and acc > self.best[0]:
-            self.best = (acc, self._snapshot())
+        if self.keep_best:
+            self.best.offer(acc, self._snapshot)
 
     def _snapshot(self) -> dict:
-        return {"mask": [m.clone() for m in self.mask], "reuse": [r.clone() for r in self.reuse], "params": [p.detach().clone() for p in self.model.parameters()]}
+        return {"mask": [m.clone() for m in self.mask], "reuse": [r.clone() for r in self.reuse],
+                "params": [p.detach().clone() for p in self.model.parameters()]}
 
     @torch.no_grad()
     def after_experience(self, exp):
         super().after_experience(exp)
-        if self.keep_best and self.best[1] is not None:
-            best = self.best[1]
+        if self.keep_best and self.best.state is not None:
+            best = self.best.state
             for p, v in zip(self.model.parameters(), best["params"]):
                 p.copy_(v)
             self.mask, self.reuse = best["mask"], best["reuse"]
@@ -265,7 +270,7 @@ class DST(Strategy):
             wu.copy_(torch.where(m & ~u, w, wu))  # the new weights; earlier ones keep their merged values
             u |= m
         self.masks[exp.index] = [m.clone() for m in self.mask]
-        self.best = (-1.0, None)
+        self.best.reset()
 
     # ---- evaluation -------------------------------------------------------------------
     @torch.no_grad()
@@ -273,32 +278,33 @@ class DST(Strategy):
         tasks = batch.t.unique().tolist()
         if any(t < 0 for t in tasks):
             raise UserError("strategy=dst needs task ids at evaluation; set scenario.setting=task.")
-        model = self.model  # the evaluator may swap in a copy (the initial evaluation): look weights up by name
-        modules = dict(model.named_modules())
-        weights = [modules[n].weight for n, _ in self.layers]
-        live = [w.clone() for w in weights]
         out = None
-        for t in tasks:
-            if t in self.masks:  # a finished task (including the one that just ended: merged weights)
-                for w, wu, m in zip(weights, self.union_w, self.masks[t]):
-                    w.copy_(wu * m)
-            rows = batch.t == t
-            logits = model(batch.x[rows])
-            if self.eval_logits == "task":
-                keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-                keep[torch.tensor(self.stream[t].classes, device=logits.device)] = True
-                logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
-            out = logits.new_zeros(len(batch), logits.shape[1]) if out is None else out
-            out[rows] = logits
-            for w, v in zip(weights, live):
-                w.copy_(v)
+        with self.weight_set.swapped() as use:
+            for t in tasks:  # a finished task (the one that just ended included): W∪ ⊙ M_t; else the live weights
+                use(self.task_weights(t) if t in self.masks else None)
+                rows = batch.t == t
+                logits = self.model(batch.x[rows])
+                if self.eval_logits == "task":
+                    keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+                    keep[torch.tensor(self.stream[t].classes, device=logits.device)] = True
+                    logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+                out = logits.new_zeros(len(batch), logits.shape[1]) if out is None else out
+                out[rows] = logits
         return out
+
+    def task_weights(self, t: int) -> dict[str, Tensor]:
+        return {n: wu * m for n, wu, m in zip(self.weight_set.tensors, self.union_w, self.masks[t])}
+
+    def baseline(self):
+        """The head spans every class from `setup` on, so the untrained model is the live one:
+        the evaluator's baseline needs no copy (`predict` restores the live weights)."""
+        return nullcontext()
 
     # ---- checkpoint ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {**super().state_dict(), "masks": self.masks, "mask": self.mask, "fired": self.fired, "reuse": self.reuse,
                 "union_w": self.union_w, "used": self.used, "init_weights": self.init_weights, "step": self.step,
-                "correct": (self.correct, self.seen), "best": self.best}
+                "correct": (self.correct, self.seen), "best": self.best.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
@@ -313,5 +319,4 @@ class DST(Strategy):
                 a.copy_(b)
         self.step = state["step"]
         self.correct, self.seen = state["correct"]
-        acc, best = state["best"]
-        self.best = (acc, None if best is None else {k: [t.to(dev) for t in v] for k, v in best.items()})
+        self.best.load_state_dict(state["best"], dev)

@@ -48,7 +48,7 @@ import torch
 from cl.errors import UserError
 from cl.stream import Batch, Experience
 from cl.strategy import Strategy
-from strategies.lora import adapter_state, add_lora, load_adapter_state, lora_config
+from strategies.lora_adapters import adapter_state, add_lora, load_adapter_state, lora_config
 
 BETA_BINS = np.logspace(-8, 0, 17)  # histogram edges of β_t (the fallback 0.01 falls in its bin)
 

@@ -28,6 +28,13 @@ softmax(z) + softmax((t+1)·z₀) (`ensemble=true`). While a task trains (contin
 evaluation, which the official code does not have), its classes have no prototype
 yet, so predictions use the head on the live adapter's features.
 
+Diagnostics (`results()`, in results.json under `strategy`): task-retrieval accuracy,
+the share of the finished experiences' eval-split samples whose own task the initial
+guess (argmax z₀) finds, and after refinement (argmax z), with the final adapters and
+prototypes. They come from a pass of their own at the run's end, so `predict` counts
+nothing and the evaluator's order of calls cannot change them (under `merge=paper`
+`predict` changes nothing at all; `merge=official` rewrites adapters, as below).
+
 `merge=official` is the official code's merge: besides the post-step merge, every
 forward (train and eval) merges the whole adapter set in use before each block
 (block l computes with l+1 merges, 12 per forward), by rebinding `.data` as the
@@ -71,7 +78,8 @@ from cl.errors import UserError
 from cl.models.vit_adapter import ADAPTER_KEYS, AdapterViT
 from cl.stream import Batch
 from cl.strategy import Strategy
-from strategies.simplecil import class_features, class_means, grow_rows
+from strategies.passes import eval_batches
+from strategies.prototypes import class_features, class_means, grow_rows
 
 
 def sample_class_features(means: Tensor, covs: Tensor, per_class: int, generator: torch.Generator,
@@ -117,7 +125,6 @@ class MOS(Strategy):
         self.eval_batch_size, self.seed = eval_batch_size, seed
         self.adapters: list[dict[str, Tensor]] = []  # A_0 .. A_{t-1} (A_t once task t ends)
         self.prefix: list[dict[str, Tensor]] = []  # prefix[k] = A_0 + .. + A_k, of the snapshots as taken
-        self.stats = {"n": 0, "initial": 0, "refined": 0, "rounds": 0}  # task-retrieval diagnostics
 
     @property
     def batch_size(self) -> int:
@@ -207,18 +214,8 @@ class MOS(Strategy):
         if t >= 1:
             self._merge_into(self.current(), t)
 
-    def results(self) -> dict:
-        """Task-retrieval accuracy on the seen classes in the last end-of-experience
-        evaluation: the initial guess (argmax z₀) and after refinement."""
-        # under DDP each rank evaluated a share of the batches: sum the counts
-        total, initial, refined = distributed.all_sum([self.stats[k] for k in ("n", "initial", "refined")], self.device)
-        n = max(total, 1)
-        return {"task_retrieval_initial": initial / n, "task_retrieval_refined": refined / n,
-                "retrieval_samples": int(total)}
-
     def after_experience(self, exp):
         super().after_experience(exp)
-        self.stats = {"n": 0, "initial": 0, "refined": 0, "rounds": 0}  # count the evaluation that follows
         snap = self.net.adapter.snapshot()
         self.adapters.append(snap)
         self.prefix.append(snap if not self.prefix else {n: self.prefix[-1][n] + snap[n] for n in ADAPTER_KEYS})
@@ -282,16 +279,22 @@ class MOS(Strategy):
     # ---- inference --------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, batch: Batch) -> Tensor:
-        x = batch.x
-        seen = min(self.model.head.out_features, len(self.prototypes))  # classes with a prototype
         if len(self.adapters) <= self.experience_index or len(self.adapters) == 0:
             # mid-task, no prototypes yet: the head on the live adapter's features. merge=official merges a copy
             # (the official code never evaluates mid-task, so measuring must not change the adapter it trains)
             live = {n: v.detach().clone() for n, v in self.current().items()}
-            return self.model.head(self.features(x, self.experience_index, live))
-        t = len(self.adapters) - 1
+            return self.model.head(self.features(batch.x, self.experience_index, live))
+        z0, _, z, _ = self.retrieve(batch.x)
+        if not self.ensemble:
+            return z.softmax(1)
+        return z.softmax(1) + (len(self.adapters) * z0).softmax(1)
+
+    def retrieve(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Self-refined retrieval over the stored adapters: (z₀, the initial task guess, the
+        last z of each sample, the refinement rounds run)."""
+        seen = min(self.model.head.out_features, len(self.prototypes))  # classes with a prototype
         if self.retrieval == "eager":
-            feats = [self.features(x, k) for k in range(t + 1)]  # all adapters, in order (official)
+            feats = [self.features(x, k) for k in range(len(self.adapters))]  # all adapters, in order (official)
             f0 = feats[0]
             get = lambda k, rows: feats[k][rows]  # noqa: E731
         else:
@@ -300,27 +303,19 @@ class MOS(Strategy):
             get = lambda k, rows: self._lazy(cache, x, k, rows)  # noqa: E731
         z0 = F.normalize(f0, dim=1) @ F.normalize(self.prototypes[:seen], dim=1).T
         guess = self.task_of[:seen][z0.argmax(1)]
-        z = self.refine(guess, get, len(x), seen)
-        known = batch.y < seen if batch.y is not None else None
-        if known is not None and bool(known.any()):  # task-retrieval accuracy on seen classes (diagnostics)
-            truth = self.task_of[batch.y[known]]
-            self.stats["n"] += int(known.sum())
-            self.stats["initial"] += int((guess[known] == truth).sum())
-            self.stats["refined"] += int((self.task_of[:seen][z[known].argmax(1)] == truth).sum())
-        if not self.ensemble:
-            return z.softmax(1)
-        return z.softmax(1) + ((t + 1) * z0).softmax(1)
+        return (z0, guess, *self.refine(guess, get, len(x), seen))
 
-    def refine(self, guess: Tensor, get, n: int, seen: int) -> Tensor:
-        """At most `max_rounds` head evaluations per sample; returns the last z of each."""
+    def refine(self, guess: Tensor, get, n: int, seen: int) -> tuple[Tensor, int]:
+        """At most `max_rounds` head evaluations per sample: (the last z of each, the rounds run)."""
         z = None
         active = torch.ones(n, dtype=torch.bool, device=guess.device)
         guess = guess.clone()
+        rounds = 0
         for _ in range(self.max_rounds):
             rows = active.nonzero().squeeze(1)
             if rows.numel() == 0:
                 break
-            self.stats["rounds"] += 1
+            rounds += 1
             for k in guess[rows].unique().tolist():
                 sel = rows[guess[rows] == k]
                 zk = self.model.head(get(k, sel))[:, :seen]
@@ -331,7 +326,33 @@ class MOS(Strategy):
             stay = new == guess[rows]
             active[rows[stay]] = False
             guess[rows] = new
-        return z
+        return z, rounds
+
+    @torch.no_grad()
+    def results(self) -> dict:
+        """Task-retrieval diagnostics: over the eval (test) split of every finished experience,
+        with the adapters and prototypes as they are when called (at the run's end), the share of
+        samples whose own task the initial guess (the task of argmax z₀) finds, and after refinement
+        (the task of argmax z). A pass of its own (each rank a share of the batches under torchrun);
+        with `merge=official` it runs on copies of the stored adapters, which stay unchanged."""
+        total = initial = refined = 0
+        stored = self.adapters
+        if self.merge == "official":  # its forwards rewrite the adapters they use
+            self.adapters = [{n: v.clone() for n, v in a.items()} for a in stored]
+        try:
+            for exp in self.stream.experiences[: len(stored)]:
+                for batch in eval_batches(self, exp.eval, self.eval_batch_size, shard=True):
+                    _, guess, z, _ = self.retrieve(batch.x)
+                    truth = self.task_of[batch.y]
+                    total += len(batch.y)
+                    initial += int((guess == truth).sum())
+                    refined += int((self.task_of[z.argmax(1)] == truth).sum())
+        finally:
+            self.adapters = stored
+        total, initial, refined = distributed.all_sum([total, initial, refined], self.device)  # DDP: every share
+        n = max(total, 1)
+        return {"task_retrieval_initial": initial / n, "task_retrieval_refined": refined / n,
+                "retrieval_samples": int(total)}
 
     def _lazy(self, cache: dict, x: Tensor, k: int, rows: Tensor) -> Tensor:
         """f_{A_k}(x[rows]), computing only the rows not computed before."""

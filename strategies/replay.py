@@ -28,8 +28,12 @@ gathered global batch and keeps its share of the same global replay batch, so a
 Samples enter the buffer after the replay batch is drawn, so a step never replays
 its own inputs. `joint_forward=True` runs ER-ACE's and DER++'s stream and replay
 batches through one concatenated forward (the AdaB²N versions of the official code
-do; it matters only to layers whose output depends on the batch, i.e. batch norm). The replay batch has `replay_batch_size` samples (null: as many
-as the stream batch, Mammoth's `minibatch_size` default).
+do; it matters only to layers whose output depends on the batch, i.e. batch norm).
+The replay batch has `replay_batch_size` samples (null: as many as the stream batch,
+Mammoth's `minibatch_size` default).
+
+Every class here declares `Replays` (strategies/buffer.py), what a method that wraps a
+replay strategy (AdaB²N) reads: `joint_forward` and `replay_batches`.
 """
 from __future__ import annotations
 
@@ -41,12 +45,13 @@ from cl import distributed
 from cl.errors import UserError
 from cl.stream import Batch
 from cl.strategy import Strategy
-from strategies.buffer import ReservoirBuffer
+from strategies.buffer import Replays, ReservoirBuffer
 
 
-class ER(Strategy):
+class ER(Replays, Strategy):
     def __init__(self, model, optimizer, scheduler=None, mem_size: int = 500,
-                 replay_batch_size: int | None = None, new_weight: float | None = None, seed: int = 0):
+                 replay_batch_size: int | None = None, new_weight: float | None = None, seed: int = 0,
+                 joint_forward: bool = False):
         super().__init__(model, optimizer, scheduler)
         if not isinstance(mem_size, int) or mem_size <= 0:
             raise UserError(f"strategy.mem_size must be a positive integer, got {mem_size!r}.")
@@ -57,8 +62,8 @@ class ER(Strategy):
         self.new_weight = new_weight
         self.seed = seed
         self.buffer: ReservoirBuffer | None = None
-        self.joint_forward = False
-        self.replayed = False  # whether the current step drew a replay batch
+        self.joint_forward = joint_forward
+        self.replay_batches = 0  # declared in Replays: a wrapping method reads it
 
     def setup(self, stream, context=None):
         super().setup(stream, context)
@@ -71,7 +76,7 @@ class ER(Strategy):
             return None
         r = self.buffer.sample(self.replay_batch_size or n)
         r["x"] = self.augment(r["x"])
-        self.replayed = True
+        self.replay_batches += 1
         return r
 
     def forward_parts(self, *parts: tuple[Tensor, Tensor]) -> list[Tensor]:
@@ -117,8 +122,9 @@ def asymmetric_cross_entropy(logits: Tensor, y: Tensor, keep: Tensor | None = No
 
 class ERACE(ER):
     def __init__(self, model, optimizer, scheduler=None, mem_size: int = 500, replay_batch_size: int | None = None,
-                 from_first_experience: bool = False, mask: str = "present", seed: int = 0):
-        super().__init__(model, optimizer, scheduler, mem_size, replay_batch_size, None, seed)
+                 from_first_experience: bool = False, mask: str = "present", seed: int = 0,
+                 joint_forward: bool = False):
+        super().__init__(model, optimizer, scheduler, mem_size, replay_batch_size, None, seed, joint_forward)
         if mask not in ("present", "mammoth"):
             raise UserError(f"strategy.mask must be present or mammoth, not {mask!r}.")
         self.from_first_experience, self.mask = from_first_experience, mask
@@ -168,8 +174,8 @@ class ERACE(ER):
 
 class DERPP(ER):
     def __init__(self, model, optimizer, scheduler=None, mem_size: int = 500, replay_batch_size: int | None = None,
-                 alpha: float = 0.1, beta: float = 0.5, seed: int = 0):
-        super().__init__(model, optimizer, scheduler, mem_size, replay_batch_size, None, seed)
+                 alpha: float = 0.1, beta: float = 0.5, seed: int = 0, joint_forward: bool = False):
+        super().__init__(model, optimizer, scheduler, mem_size, replay_batch_size, None, seed, joint_forward)
         self.alpha = alpha
         self.beta = beta
 

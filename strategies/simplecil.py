@@ -11,37 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cl.runtime import eval_mode
-from cl.stream import Batch, TensorData
+from cl.stream import Batch
 from cl.strategy import Strategy
-
-
-@torch.no_grad()
-def class_features(strategy: Strategy, data: TensorData, features, batch_size: int = 256,
-                   train_mode: bool = False) -> tuple[Tensor, Tensor]:
-    """(features, labels) of `data` under the stream's eval transform, model in eval mode
-    (`train_mode=True`: left in train mode, dropout active)."""
-    out, labels = [], []
-    with eval_mode(strategy.model):
-        if train_mode:
-            strategy.model.train()
-        for batch in data.batches(batch_size):
-            batch = batch.to(strategy.device)
-            x = strategy.stream.eval_transform(batch.x) if strategy.stream.eval_transform is not None else batch.x
-            out.append(features(x).float())
-            labels.append(batch.y)
-    return torch.cat(out), torch.cat(labels)
-
-
-def class_means(feats: Tensor, labels: Tensor, classes) -> Tensor:
-    return torch.stack([feats[labels == c].mean(0) for c in classes])
-
-
-def grow_rows(old: Tensor, n: int) -> Tensor:
-    """`old` with zero rows appended up to `n` rows (per-class tables as classes arrive)."""
-    new = old.new_zeros((max(n, len(old)), *old.shape[1:]))
-    new[: len(old)] = old
-    return new
+from strategies.prototypes import class_features, class_means, grow_rows
 
 
 class SimpleCIL(Strategy):

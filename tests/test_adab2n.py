@@ -223,13 +223,13 @@ def test_with_replay_stream_and_buffer_share_one_forward_and_the_regulariser_wai
         for batch in list(exp.train.batches(10, shuffle=True, seed=0))[:3]:
             batch.x = strategy.augment(batch.raw)
             seen.clear()
-            steps = first._t
+            steps, drawn = first._t, strategy.replay_batches
             loss = strategy.training_step(batch)
             assert first._t == steps + 1 and len(seen) == 1  # one forward per step
             if i == 0:  # ER-ACE replays from the second experience: no regulariser, plain statistics
-                assert not strategy.replayed and seen == [len(batch)]
+                assert strategy.replay_batches == drawn and seen == [len(batch)]
             else:
-                assert strategy.replayed and seen == [len(batch) + 10]
+                assert strategy.replay_batches == drawn + 1 and seen == [len(batch) + 10]
                 assert first.reg_sum is not None
             loss.backward()
             opt.step()
