@@ -40,6 +40,7 @@ def losses(run_dir) -> list[float]:
     return [e["loss"] for e in read_events(run_dir) if e["event"] == "train"]
 
 
+@pytest.mark.slow  # two torchrun runs and two single-process runs (38 s); make test-slow, which CI runs
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_two_processes_train_what_one_process_trains(case, tmp_path):
     args = CASES[case] + ["trainer.log_every=1"]

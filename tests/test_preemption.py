@@ -32,7 +32,9 @@ def reference(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+# SIGINT takes the same path as SIGTERM (cl.checkpoint.Preemption): it runs in make test-slow, which CI runs
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM, signal.SIGKILL],
+                         ids=lambda s: s.name)
 def test_a_signalled_run_resumes_to_the_uninterrupted_numbers(sig, reference, tmp_path):
     out = tmp_path / "run"
     args = ARGS + [f"hydra.run.dir={out}"]

@@ -70,6 +70,7 @@ def test_report_tables_both_phases_and_kendall_tau(grid_phases, tmp_path):
     assert bad.returncode == 2 and "No finished run" in bad.stderr
 
 
+@pytest.mark.slow  # an Optuna sweep and an evaluation phase (15 s)
 def test_optuna_sweeper_tunes_and_the_evaluation_phase_reads_it(tmp_path):
     r = cli(["-m", "phase=tuning", "hydra/sweeper=tuning", "hydra.sweeper.n_trials=3",
              "optimizer.lr=tag(log,interval(0.001,0.3))", *TUNE, f"hydra.sweep.dir={tmp_path / 'optuna'}"])

@@ -3,6 +3,8 @@ creates none), a sweep continues where it was stopped, the two-phase selection r
 run ran with, and the advice in a message works when followed."""
 from __future__ import annotations
 
+import pytest
+
 import hashlib
 import json
 import os
@@ -109,6 +111,7 @@ def start_sweep(args, kill_in_job: str, sig, folder: Path):
     return proc.returncode, out, err
 
 
+@pytest.mark.slow  # four sweeps of three jobs (32 s)
 def test_a_stopped_sweep_continues_with_only_its_unfinished_jobs(tmp_path):
     reference = tmp_path / "reference"
     assert cli(["-m", *SWEEP, f"hydra.sweep.dir={reference}"]).returncode == 0
