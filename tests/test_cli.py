@@ -223,6 +223,7 @@ def test_class_order_that_is_not_a_permutation(tmp_path):
     assert_one_sentence(r, "scenario.class_order must be a permutation")
 
 
+@pytest.mark.slow  # a run and three refused resumes through the CLI (12 s)
 def test_resume_from_a_differing_config_or_a_corrupt_checkpoint(tmp_path):
     out = tmp_path / "run"
     assert cli(["debug=smoke", f"hydra.run.dir={out}"]).returncode == 0

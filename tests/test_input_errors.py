@@ -78,6 +78,7 @@ def test_bad_input_is_one_sentence_with_exit_status_2(args, before_hydra, words,
         assert not out.exists()
 
 
+@pytest.mark.slow  # composes every preset twice (10 s)
 def test_typos_are_found_under_every_preset_and_valid_commands_pass():
     """In-process (the check composes the config without starting Hydra): every preset's own command passes,
     and a typo under it, in a sweep, in Optuna's syntax or in a nested group, is named with the closest key."""

@@ -3,8 +3,6 @@ creates none), a sweep continues where it was stopped, the two-phase selection r
 run ran with, and the advice in a message works when followed."""
 from __future__ import annotations
 
-import pytest
-
 import hashlib
 import json
 import os
@@ -14,6 +12,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from cl.report import report
 from tests.conftest import ROOT, cli, read_results
@@ -31,6 +31,7 @@ def last_line(r) -> str:
     return [line for line in r.stderr.splitlines() if line.strip()][-1]
 
 
+@pytest.mark.slow  # six CLI processes (19 s); make test-slow, which CI runs
 def test_a_refused_command_touches_no_run_folder_and_creates_none(tmp_path):
     run = tmp_path / "run"
     assert cli(["debug=smoke", f"hydra.run.dir={run}"]).returncode == 0
@@ -55,6 +56,7 @@ def test_a_refused_command_touches_no_run_folder_and_creates_none(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+@pytest.mark.slow  # two sweeps, a phase 2 and a report through the CLI (17 s)
 def test_a_refused_sweep_touches_nothing_and_phase_2_runs_the_best_configuration(tmp_path):
     tune = tmp_path / "tune"
     r = cli(["-m", "phase=tuning", "optimizer.lr=0.005,0.1", "seed=0,1", *TUNE, f"hydra.sweep.dir={tune}"])
