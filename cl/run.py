@@ -126,10 +126,10 @@ def strategy_name(node) -> str:
 
 def trace_description(evaluator: Evaluator) -> str:
     """When the continual-evaluation trace was measured, in words."""
-    when = ("after update 1, 1+every, 1+2·every, ... of each epoch" if evaluator.period == "epoch"
+    when = ("after update 1, 1+every, 1+2·every, ... of each epoch" if evaluator.settings.period == "epoch"
             else "every `every` iterations of the run")
-    before = "the run's first update" if evaluator.pre_update == "first" else "each experience's first update"
-    ends = ", at epoch ends" if evaluator.at_epoch_end else ""
+    before = "the run's first update" if evaluator.settings.pre_update == "first" else "each experience's first update"
+    ends = ", at epoch ends" if evaluator.settings.at_epoch_end else ""
     return f"subset of each seen experience, {when}{ends} and before {before}"
 
 
@@ -141,13 +141,13 @@ def protocol(cfg: DictConfig, stream, model, evaluator: Evaluator, trainer: engi
         "strategy": strategy_name(cfg.strategy),
         "accuracy": "task-aware" if evaluator.primary_is_task_aware else "task-agnostic",
         "evaluation": {
-            "split": evaluator.split,
+            "split": evaluator.settings.split,
             "every": evaluator.every,
-            "subset": evaluator.subset_size,
-            "resample": evaluator.resample,
+            "subset": evaluator.settings.subset,
+            "resample": evaluator.settings.resample,
             "matrix": "full eval split of every experience at each experience end",
-            "pre_update": evaluator.pre_update,
-            "period": evaluator.period,
+            "pre_update": evaluator.settings.pre_update,
+            "period": evaluator.settings.period,
             "trace": trace_description(evaluator) if evaluator.every else "none",
         },
         "deterministic": trainer.deterministic,

@@ -152,26 +152,16 @@ class Evaluator:
     def __init__(self, stream: Stream, strategy, settings: Evaluation | None = None,
                  log: Callable[[dict], None] = lambda event: None, seed: int = 0,
                  device: torch.device | str = "cpu", precision: str = "32"):
-        settings = settings or Evaluation()
+        self.settings = settings = settings or Evaluation()
         self.stream = stream
         self.strategy = strategy
         self.log = log
-        self.every = settings.every
-        self.batch_size = settings.batch_size
+        self.every = settings.every  # doubled when evaluation exceeds its budget
         self.device = torch.device(device)
         self.precision = str(precision)
-        self.split = settings.split
-        self.data: list[TensorData] = [e.valid if self.split == "validation" else e.eval for e in stream]
-        if self.split == "validation" and any(d is None for d in self.data):
+        self.data: list[TensorData] = [e.valid if settings.split == "validation" else e.eval for e in stream]
+        if settings.split == "validation" and any(d is None for d in self.data):
             raise UserError("evaluation.split=validation needs a validation split: set scenario.validation=0.1 (a fraction).")
-        self.subset_size = settings.subset
-        self.resample = settings.resample
-        self.at_epoch_end = settings.at_epoch_end
-        self.pre_update = settings.pre_update
-        self.period = settings.period
-        self.budget = settings.budget
-        self.windows = settings.windows
-        self.lca_beta = settings.lca_beta
         self.generator = torch.Generator().manual_seed(int(seed) * 7919 + 17)
         self.subsets = [self._fixed_subset(d, seed, j) for j, d in enumerate(self.data)]
         self.sizes = [len(d) for d in self.data]
@@ -198,10 +188,10 @@ class Evaluator:
         self.clock_start = time.perf_counter()
 
     def _fixed_subset(self, data: TensorData, seed: int, j: int) -> TensorData | None:
-        if len(data) <= self.subset_size:
+        if len(data) <= self.settings.subset:
             return None
         g = torch.Generator().manual_seed(int(seed) * 1000 + j)
-        return data.subset(torch.randperm(len(data), generator=g)[: self.subset_size].sort().values)
+        return data.subset(torch.randperm(len(data), generator=g)[: self.settings.subset].sort().values)
 
     # ---- measuring ----------------------------------------------------------------
     def autocast(self):
@@ -215,7 +205,7 @@ class Evaluator:
 
     def num_batches(self, data: TensorData) -> int:
         """Batches this rank scores of `data` (every world-th one)."""
-        n = -(-len(data) // self.batch_size)
+        n = -(-len(data) // self.settings.batch_size)
         return len(range(distributed.rank(), n, distributed.world()))
 
     def accuracy(self, j: int, data: TensorData, full: bool = False,
@@ -224,7 +214,7 @@ class Evaluator:
         by the stream's scorer (`full`: a full evaluation). `advance` is called after each batch."""
         correct = correct_aware = 0
         # under DDP each rank scores every world-th batch; the counts are summed over ranks
-        for batch in data.batches(self.batch_size, start=distributed.rank(), step=distributed.world()):
+        for batch in data.batches(self.settings.batch_size, start=distributed.rank(), step=distributed.world()):
             batch = batch.to(self.device, non_blocking=True)
             if self.stream.eval_transform is not None:
                 batch.x = self.stream.eval_transform(batch.x)
@@ -244,8 +234,8 @@ class Evaluator:
         for j in which:
             data = self.data[j]
             if not full:
-                if self.resample and len(data) > self.subset_size:
-                    data = data.subset(torch.randperm(len(data), generator=self.generator)[: self.subset_size])
+                if self.settings.resample and len(data) > self.settings.subset:
+                    data = data.subset(torch.randperm(len(data), generator=self.generator)[: self.settings.subset])
                 elif self.subsets[j] is not None:
                     data = self.subsets[j]
             datas.append(data)
@@ -270,7 +260,7 @@ class Evaluator:
         self._evaluate(which, False, iteration, i)
         self.eval_seconds += time.perf_counter() - start
         # wall-clock shares differ between ranks: rank 0 decides for all
-        if self.budget is not None and distributed.broadcast_object(self.eval_share > self.budget):
+        if self.settings.budget is not None and distributed.broadcast_object(self.eval_share > self.settings.budget):
             self.every *= 2
             self.periods.append({"from_iteration": iteration, "every": self.every})
 
@@ -293,13 +283,13 @@ class Evaluator:
 
     def experience_start(self, i: int, iteration: int) -> None:
         self.starts.append(iteration)
-        if self.every > 0 and (i == 0 or self.pre_update == "every"):
+        if self.every > 0 and (i == 0 or self.settings.pre_update == "every"):
             self._continual([i], iteration, i)
 
     def due(self, iteration: int, epoch_step: int) -> bool:
         """Whether the period asks for an evaluation after this update (`epoch_step`: the
         update's number within its epoch, from 1)."""
-        if self.period == "epoch":
+        if self.settings.period == "epoch":
             return (epoch_step - 1) % self.every == 0
         return iteration % self.every == 0
 
@@ -311,7 +301,7 @@ class Evaluator:
     def epoch_end(self, iteration: int, i: int, epoch_step: int) -> None:
         """After the epoch's hooks (`after_epoch`, and `after_experience` for the last epoch):
         the epoch-end evaluation, or the period's if it falls on the epoch's last update."""
-        if self.every > 0 and (self.at_epoch_end or self.due(iteration, epoch_step)):
+        if self.every > 0 and (self.settings.at_epoch_end or self.due(iteration, epoch_step)):
             self._continual(list(range(i + 1)), iteration, i)
 
     def end_of_experience(self, i: int, iteration: int) -> list[float]:
@@ -358,18 +348,19 @@ class Evaluator:
         out = {
             "accuracy": "task-aware" if aware else "task-agnostic",
             "metrics": {**self._summary(primary, b),
-                        **metrics.stability_summary(self.trace, self.starts, self.ends, self.windows, self.lca_beta)},
+                        **metrics.stability_summary(self.trace, self.starts, self.ends, self.settings.windows,
+                                                    self.settings.lca_beta)},
             "accuracy_matrix": primary,
             "eval_sizes": self.sizes,
             "initial_accuracy": b,
             "continual_evaluation": {
                 "enabled": self.every > 0 or len(self.periods) > 1,
-                "subset": self.subset_size,
-                "resample": self.resample,
-                "at_epoch_end": self.at_epoch_end,
-                "pre_update": self.pre_update,
-                "period": self.period,
-                "budget": self.budget,
+                "subset": self.settings.subset,
+                "resample": self.settings.resample,
+                "at_epoch_end": self.settings.at_epoch_end,
+                "pre_update": self.settings.pre_update,
+                "period": self.settings.period,
+                "budget": self.settings.budget,
                 "periods": self.periods,
                 "evaluations": sum(len(t) for t in self.trace_iters),
                 "experience_ends": self.ends,
