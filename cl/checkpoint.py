@@ -41,6 +41,7 @@ class Position:
     phase: str = "start"
     loss_sum: float = 0.0  # the running loss since the last train event
     loss_n: int = 0
+    trainable_parameters: int = 0  # the most parameters an experience's optimizer updated
 
 
 @dataclass

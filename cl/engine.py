@@ -155,6 +155,7 @@ def train(
         plan = plan_experience(trainer, stream, data, i)
         optimizer, scheduler, resuming = run.start_experience(exp, plan)
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        pos.trainable_parameters = max(pos.trainable_parameters, sum(p.numel() for p in params if p.requires_grad))
         buffers = list(strategy.model.buffers()) if world > 1 else []
         n_batches, accumulate, per_epoch = plan.batches_per_epoch, plan.accumulate, plan.steps_per_epoch
         log({"event": "resume" if resuming else "experience_start", "experience": i, "of": len(stream),

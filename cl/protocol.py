@@ -63,17 +63,20 @@ def load_job(folder: Path) -> Job | None:
     return Job(folder, OmegaConf.load(composed if composed.is_file() else folder / "config.yaml"), results)
 
 
-def completed_jobs(folder: str | Path) -> list[Job]:
-    """The jobs of a multirun folder that finished (they have results.json)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"tuning.from={folder} does not exist; pass the multirun folder of the tuning phase.")
-    jobs = [load_job(res.parent) for res in sorted(folder.rglob("results.json"))]
+def completed_jobs(source) -> list[Job]:
+    """The jobs that finished (they have results.json) under a multirun folder, or under each of a
+    list of run or sweep folders (`tuning.from=[<run>,<run>]`: exactly these runs, as `cl.bench` passes)."""
+    folders = [Path(source)] if isinstance(source, (str, Path)) else [Path(f) for f in source]
+    for folder in folders:
+        if not folder.is_dir():
+            raise UserError(f"tuning.from={folder} does not exist; pass the multirun folder of the tuning phase.")
+    jobs = [load_job(res.parent) for folder in folders for res in sorted(folder.rglob("results.json"))]
     jobs = [j for j in jobs if j is not None]
     if not jobs:
-        failed = sorted(folder.rglob("error.txt"))
+        failed = sorted(f for folder in folders for f in folder.rglob("error.txt"))
         why = f"{len(failed)} failed (see {failed[0]})" if failed else "none finished"
-        raise UserError(f"{folder} holds no completed job ({why}); run the tuning sweep (phase=tuning) to completion first.")
+        where = folders[0] if len(folders) == 1 else f"the {len(folders)} folders of tuning.from"
+        raise UserError(f"{where} holds no completed job ({why}); run the tuning sweep (phase=tuning) to completion first.")
     return jobs
 
 
@@ -93,7 +96,7 @@ def selection_mode(metric: str, mode: str | None = "auto") -> str:
     return better
 
 
-def best_configuration(folder: str | Path, metric: str, mode: str | None = "auto") -> tuple[Job, float, list[Job]]:
+def best_configuration(folder, metric: str, mode: str | None = "auto") -> tuple[Job, float, list[Job]]:
     """The best configuration of a tuning sweep by the mean of `metric` over its seeds, in the
     metric's direction: (a representative job, its mean score, all its jobs)."""
     mode = selection_mode(metric, mode)

@@ -54,6 +54,8 @@ def _selection_keys(selected, sweep) -> tuple:
     """How to recognise the tuning runs an evaluation run recorded, wherever the folders are now:
     each run's path from its sweep folder's name down (`tune_er/3`), so a relative `tuning.from`
     or a sweep copied elsewhere (off a cluster, say) still matches."""
+    if sweep is not None and not isinstance(sweep, (str, Path)):  # a list of run folders (cl.bench)
+        return tuple(sorted(Path(run).parts[-3:] for run in selected))
     keys = []
     for run in selected:
         run = Path(run)

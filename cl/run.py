@@ -261,6 +261,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
     if resume_state is None:
         events({"event": "run_start", "protocol": proto, "device": str(device), "provenance": origin})
 
+    runtime.reset_peak_memory(device)
     try:
         with checkpoint.Preemption() as preemption:
             position = engine.train(stream, strategy, evaluator, events, trainer,
@@ -268,6 +269,10 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
                                     preemption)
         results = {"protocol": proto, **evaluator.results(), "iterations": position.iteration,
                    "provenance": origin, "config_sha256": fingerprint}
+        results["cost"] = {"wall_time_s": events.elapsed, "eval_time_s": evaluator.eval_seconds,
+                           "matrix_eval_time_s": evaluator.matrix_seconds,
+                           "eval_share": (evaluator.eval_seconds + evaluator.matrix_seconds) / max(events.elapsed, 1e-9),
+                           "trainable_parameters": position.trainable_parameters, **runtime.peak_memory(device)}
         diagnostics = strategy.results()  # a method's own (e.g. MOS's task retrieval), or None
         if diagnostics is not None:
             results["strategy"] = diagnostics

@@ -59,3 +59,30 @@ def eval_mode(model: torch.nn.Module):
     finally:
         for m, training in states:
             m.training = training
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start measuring the peak memory of a run: CUDA's allocator peak, and on Linux the
+    process's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # not Linux, or not allowed: the peak then counts from the process's start
+        pass
+
+
+def peak_memory(device: torch.device) -> dict:
+    """{"peak_memory_mb", "peak_memory_of"}: CUDA memory allocated on a GPU, else the process's peak RSS."""
+    if device.type == "cuda":
+        return {"peak_memory_mb": torch.cuda.max_memory_allocated(device) / 2**20, "peak_memory_of": "CUDA allocated"}
+    try:
+        with open("/proc/self/status") as f:
+            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+        return {"peak_memory_mb": hwm / 1024, "peak_memory_of": "process RSS (VmHWM)"}
+    except (OSError, StopIteration):
+        import resource
+
+        return {"peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "peak_memory_of": "process RSS since start (ru_maxrss)"}
