@@ -84,9 +84,12 @@ def load_suite(name: str, size: str, overrides: list[str]) -> DictConfig:
     sizes = suite.get("sizes") or {}
     if size not in sizes:
         raise UserError(f"--size {size} is not a size of suite {name}; choose one of {', '.join(sizes)}.")
-    merged = OmegaConf.merge(suite, {k: v for k, v in sizes[size].items() if k != "overrides"})
+    size_part = OmegaConf.to_container(sizes[size], resolve=False)
+    merged = OmegaConf.merge(suite, {k: v for k, v in size_part.items() if k != "overrides"})
     OmegaConf.set_struct(merged, False)
-    merged.overrides = [*suite.get("overrides", []), *(sizes[size].get("overrides") or [])]
+    # unresolved here: `${...}` in an override string resolves against the merged suite when read
+    merged.overrides = [*OmegaConf.to_container(suite.get("overrides") or [], resolve=False),
+                        *(size_part.get("overrides") or [])]
     merged.size = size
     return merged
 

@@ -88,6 +88,7 @@ def comparable(out: Path) -> tuple[pd.DataFrame, str]:
     return runs.reset_index(drop=True), "\n".join(tables)
 
 
+@pytest.mark.slow  # two more passes over the suite (make test-slow)
 def test_a_killed_suite_continues_without_repeating_finished_runs(suite_run, tmp_path, data_root):
     proc = bench(tmp_path, data_root, wait=False)
     runs_dir = tmp_path / f"{SUITE}-smoke" / "runs"
