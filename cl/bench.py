@@ -28,6 +28,7 @@ import json
 import math
 import random
 import shlex
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -222,6 +223,10 @@ def run_suite(suite: DictConfig, out: Path, launcher: list[str]) -> list[Run]:
             continue
         evaluate += evaluation_runs(suite, method, [runs_dir / r.subdir for r in mine])
     launch(evaluate, runs_dir, launcher, "evaluation")
+    if not suite.get("keep_checkpoints", True):  # a finished run needs only its results to be skipped
+        for r in tune + evaluate:
+            if finished(runs_dir / r.subdir):
+                shutil.rmtree(runs_dir / r.subdir / "checkpoints", ignore_errors=True)
     return tune + evaluate
 
 

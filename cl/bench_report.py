@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # the columns of the results table, when the suite's runs report them
 METRICS = {"average_incremental_accuracy": "Ā", "final_average_accuracy": "last acc.", "forgetting": "forgetting",
            "bwt": "BWT", "min_acc": "min-ACC", "wc_acc": "WC-ACC", "wf_10": "WF₁₀", "retention": "retention"}
-COST = {"wall_time_s": "wall (s)", "eval_share": "eval share", "trainable_parameters": "trainable params",
+COST = {"wall_time_s": "wall (s)", "evaluation_share": "eval share", "trainable_parameters": "trainable params",
         "peak_memory_mb": "peak mem (MB)"}
 
 
@@ -67,11 +67,11 @@ def cost_cell(key: str, values: pd.Series) -> str:
     v = pd.to_numeric(values, errors="coerce").dropna()
     if v.empty:
         return "n/a"
-    if key == "eval_share":
+    if key == "evaluation_share":
         return f"{100 * v.mean():.0f}%"
     if key == "trainable_parameters":
         n = v.max()
-        return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+        return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}k" if n else "0"
     return f"{v.mean():.0f}"
 
 
@@ -234,7 +234,8 @@ def sections(suite: DictConfig, df: pd.DataFrame, seconds: float, command: str) 
                  "finished runs (the sum of their wall times)"),
         *provenance(command),
     ]
-    notes = [f"Kendall τ between the tuning-pool and evaluation-pool rankings: {t['tau']:.3f} over {t['n_tau']} methods "
+    tau = "undefined (the scores are tied)" if t["tau"] != t["tau"] else f"{t['tau']:.3f}"
+    notes = [f"Kendall τ between the tuning-pool and evaluation-pool rankings: {tau} over {t['n_tau']} methods "
              "(1: the same order; -1: reversed)." if t["n_tau"] >= 2 else "Kendall τ needs two methods with both phases.",
              "Only the evaluation-pool columns are the result; the tuning-pool score shows what tuning and testing "
              "on one pool would have reported."]

@@ -95,10 +95,17 @@ def remove_new_folders(run_dir: Path) -> None:
                 folder.rmdir()
 
 
+def saved_list(path: Path, key: str | None = None) -> list[str]:
+    """A list of overrides saved as YAML, as written: an override such as
+    `scenario.tasks="${phase_datasets.${phase}}"` is text here, not an interpolation to resolve."""
+    node = OmegaConf.load(path)
+    return list(OmegaConf.to_container(node[key] if key else node, resolve=False))
+
+
 def retry_advice(cfg: DictConfig, run_dir: Path) -> str:
     """After a diverged run: the command that starts it again in a new folder with a tenth of its lr."""
     saved = run_dir / ".hydra" / "overrides.yaml"
-    overrides = list(OmegaConf.load(saved)) if saved.is_file() else list(HydraConfig.get().overrides.task)
+    overrides = saved_list(saved) if saved.is_file() else list(HydraConfig.get().overrides.task)
     keep = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("optimizer.lr", "resume")]
     lr = cfg.optimizer.get("lr")
     if lr is None:
@@ -226,12 +233,12 @@ def prepare_sweep(argv: list[str], cfg: DictConfig) -> tuple[list[str], Path]:
         if extra:
             raise UserError(f"A sweep resumes with its own settings; drop {' '.join(extra)} (only resume=<dir> and "
                             "hydra/launcher=... may be given).")
-        recorded = list(OmegaConf.load(folder / SWEEP_FILE).overrides)
+        recorded = saved_list(folder / SWEEP_FILE, "overrides")
         return ["-m", *recorded, *[a for a in argv if a.startswith(LAUNCH_KEYS)], f"hydra.sweep.dir={folder}"], folder
     folder = Path(cfg.hydra.sweep.dir)
     overrides = [a for a in argv if _defines_sweep(a)]
     if (folder / SWEEP_FILE).is_file():
-        recorded = list(OmegaConf.load(folder / SWEEP_FILE).overrides)
+        recorded = saved_list(folder / SWEEP_FILE, "overrides")
         if sorted(recorded) != sorted(overrides):
             raise UserError(f"hydra.sweep.dir={folder} holds another sweep (python -m cl -m {' '.join(recorded)}); "
                             f"choose a new folder, or continue that sweep with: python -m cl -m resume={folder}")
@@ -255,7 +262,7 @@ def sweep_jobs(folder: Path, objective: str) -> list[dict]:
     jobs = []
     for job in sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
         overrides = job / ".hydra" / "overrides.yaml"
-        row = {"job": int(job.name), "overrides": " ".join(OmegaConf.load(overrides)) if overrides.is_file() else "",
+        row = {"job": int(job.name), "overrides": " ".join(saved_list(overrides)) if overrides.is_file() else "",
                "objective": None}
         if (job / "results.json").is_file():
             value = json.loads((job / "results.json").read_text())["metrics"].get(objective)

@@ -271,7 +271,8 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
                    "provenance": origin, "config_sha256": fingerprint}
         results["cost"] = {"wall_time_s": events.elapsed, "eval_time_s": evaluator.eval_seconds,
                            "matrix_eval_time_s": evaluator.matrix_seconds,
-                           "eval_share": (evaluator.eval_seconds + evaluator.matrix_seconds) / max(events.elapsed, 1e-9),
+                           # every evaluation (continual, accuracy matrix, baseline), unlike run_end's eval_share
+                           "evaluation_share": (evaluator.eval_seconds + evaluator.matrix_seconds) / max(events.elapsed, 1e-9),
                            "trainable_parameters": position.trainable_parameters, **runtime.peak_memory(device)}
         diagnostics = strategy.results()  # a method's own (e.g. MOS's task retrieval), or None
         if diagnostics is not None:

@@ -24,9 +24,15 @@ The built-in suite (each generator draws distinct train and test items):
 | number_to_word | Answer with a single word. | exact |
 | arithmetic | Compute the expression and reply with the number only. | exact |
 | uppercase | Answer with a single word. | exact |
+| category | Answer with a single word. | exact |
+| sort_words | Sort the words in alphabetical order. | rouge_l |
 
-Tasks 1, 3 and 5 share their template; 2 and 4 have their own (LCIA groups
-{1,3,5}, {2}, {4} at τ = 0.9).
+In the default suite (the first five), tasks 1, 3 and 5 share their template; 2 and
+4 have their own (LCIA groups {1,3,5}, {2}, {4} at τ = 0.9). For the two-phase protocol the tasks split into
+two triples of the same shape (a word-level classification, a word-order task
+scored by ROUGE-L, a single-word transformation; LCIA groups {1,3}, {2} in
+each): tuning sentiment, word_reversal, number_to_word; evaluation category,
+sort_words, uppercase.
 """
 from __future__ import annotations
 
@@ -52,6 +58,10 @@ WORDS = ["apple", "river", "garden", "window", "planet", "silver", "forest", "ca
          "falcon", "marble", "orange", "pepper", "ribbon", "shadow", "tunnel", "valley", "wagon", "zebra", "anchor",
          "button", "cotton", "dragon", "engine", "feather", "guitar", "hammer", "jacket", "kettle", "ladder", "mirror",
          "needle", "oyster", "pillow", "quartz", "saddle", "tomato", "velvet", "walnut", "basket", "cactus", "dollar"]
+ANIMALS = ["cat", "dog", "horse", "tiger", "rabbit", "eagle", "shark", "zebra", "camel", "parrot", "wolf", "frog",
+           "whale", "monkey", "goat", "owl"]
+FOODS = ["bread", "cheese", "pasta", "banana", "soup", "rice", "cake", "pizza", "carrot", "butter", "salad", "cookie",
+         "potato", "noodles", "grape", "honey"]
 ONES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
         "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen"]
 TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
@@ -100,9 +110,21 @@ def _uppercase(rng: random.Random):
     return f"Write the word '{word}' in upper case.", SINGLE_WORD, word.upper()
 
 
+def _category(rng: random.Random):
+    animals = rng.random() < 0.5
+    items = rng.sample(ANIMALS if animals else FOODS, 3)
+    return f"List: {', '.join(items)}.\nAre these animals or foods?", SINGLE_WORD, "animals" if animals else "foods"
+
+
+def _sort_words(rng: random.Random):
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    return " ".join(words), "Sort the words in alphabetical order.", " ".join(sorted(words))
+
+
 GENERATORS = {"sentiment": (_sentiment, "exact"), "word_reversal": (_word_reversal, "rouge_l"),
               "number_to_word": (_number_to_word, "exact"), "arithmetic": (_arithmetic, "exact"),
-              "uppercase": (_uppercase, "exact")}
+              "uppercase": (_uppercase, "exact"), "category": (_category, "exact"),
+              "sort_words": (_sort_words, "rouge_l")}
 
 GENERAL_PROMPTS = [
     "What is the capital of France?", "Name three primary colors.", "What is the boiling point of water in Celsius?",

@@ -17,7 +17,7 @@ from cl.evaluation.metrics import direction
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = "online_cil"
-TIMING = ("wall_time_s", "eval_time_s", "matrix_eval_time_s", "eval_share", "peak_memory_mb")
+TIMING = ("wall_time_s", "eval_time_s", "matrix_eval_time_s", "evaluation_share", "peak_memory_mb")
 
 
 def bench(out: Path, data_root: Path, *extra: str, wait: bool = True):
@@ -119,3 +119,17 @@ def test_every_suite_composes_every_run():
             runs = tuning_runs(suite)
             assert {r.method for r in runs} == set(suite.methods)
             assert len({r.identity for r in runs}) == len(runs)  # distinct configurations, distinct folders
+
+
+def test_saved_overrides_are_read_as_written(tmp_path):
+    """A sweep whose overrides hold an interpolation (the two phases' task lists) must be summarised
+    and resumed from its saved overrides without resolving them (that raised at the sweep's end)."""
+    from omegaconf import OmegaConf
+
+    from cl.cli import saved_list
+
+    saved = ["phase=tuning", "scenario.tasks='${phase_datasets.${phase}}'"]
+    OmegaConf.save(OmegaConf.create(saved), tmp_path / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"overrides": saved, "status": "running"}), tmp_path / "sweep.yaml")
+    assert saved_list(tmp_path / "overrides.yaml") == saved
+    assert saved_list(tmp_path / "sweep.yaml", "overrides") == saved

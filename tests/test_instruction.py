@@ -14,7 +14,7 @@ from cl.evaluation.text import RetentionProbe, edit_similarity, exact_match, gen
     teacher_forced_scores
 from cl.models.causal_lm import CausalLM, load_tokenizer
 from cl.strategy import Strategy
-from scenarios.instruction import instruction_stream, load_task
+from scenarios.instruction import ANIMALS, FOODS, generate_examples, instruction_stream, load_task
 
 FIELDS = {"instruction": "instruction", "input": "input", "output": "output"}
 
@@ -90,6 +90,31 @@ def test_text_metrics_on_golden_inputs():
     assert rouge_l("a c d", "a b c d") == pytest.approx(2 * 1.0 * 0.75 / 1.75)  # LCS 3: P 1, R 3/4
     assert rouge_l("wörter sind hier", "wörter sind da") == pytest.approx(2 / 3)  # non-ASCII tokens count
     assert edit_similarity("abc", "abd") == pytest.approx(2 / 3)
+
+
+def listed(text: str) -> set[str]:
+    return set(text.splitlines()[0].removeprefix("List: ").rstrip(".").split(", "))
+
+
+def test_category_and_sort_words_generate_distinct_correct_examples():
+    correct = {"category": lambda inp, out: listed(inp) <= set({"animals": ANIMALS, "foods": FOODS}[out]),
+               "sort_words": lambda inp, out: out.split() == sorted(inp.split()) and len(set(out.split())) >= 3}
+    for name, check in correct.items():
+        examples = generate_examples(name, 60, seed=3)
+        assert len(examples) == 60 and len({inp for inp, _, _ in examples}) == 60
+        assert all(check(inp, out) for inp, _, out in examples), name
+    assert {out for _, _, out in generate_examples("category", 60, seed=3)} == {"animals", "foods"}
+    assert sum(inp != out for inp, _, out in generate_examples("sort_words", 60, seed=3)) > 50
+
+
+def test_the_tuning_and_evaluation_triples_have_the_same_shape():
+    """The two-phase split of the suite: same metrics in the same order, same instruction sharing (LCIA's groups)."""
+    def shape(tasks):
+        loaded = [load_task({"generator": g}, FIELDS, 0, 4, 2) for g in tasks]
+        instructions = [train[0][1] for _, train, _, _ in loaded]
+        return [metric for *_, metric in loaded], [instructions.index(i) for i in instructions]
+
+    assert shape(["sentiment", "word_reversal", "number_to_word"]) == shape(["category", "sort_words", "uppercase"])
 
 
 def memorise(model, batches, steps=300, lr=3e-3):
