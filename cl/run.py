@@ -227,7 +227,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
     if cfg.get("phase", "all") != "all" and cfg.scenario.get("pool") is None and not cfg.get("phase_datasets"):
         raise UserError(
             f"phase={cfg.phase} needs two disjoint pools: use a class-split scenario (scenario.pool follows phase) "
-            "or set phase_datasets={tuning: ..., evaluation: ...} with scenario.dataset=${phase_datasets.${phase}}."
+            "or set phase_datasets={tuning: ..., evaluation: ...} with 'scenario.dataset=\"${phase_datasets.${phase}}\"'."
         )
     device = runtime.resolve_device(trainer.device)
     runtime.seed_everything(cfg.seed, trainer.deterministic, device)
