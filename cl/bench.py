@@ -73,13 +73,14 @@ def load_suite(name: str, size: str, overrides: list[str]) -> DictConfig:
     """The suite's config with `sizes.<size>` merged over it and the command line's overrides."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     if name not in suite_names():
         raise UserError(f"No suite named {name!r}; choose one of {', '.join(suite_names())} (conf/suite/).")
     try:
         with initialize_config_dir(config_dir=str(SUITES), version_base="1.3"):
             suite = compose(name, overrides=overrides)
-    except HydraException as e:
+    except (HydraException, OmegaConfBaseException) as e:
         raise UserError(f"The suite override is not valid ({str(e).splitlines()[0]}); write key=value with keys of "
                         f"conf/suite/{name}.yaml.") from None
     sizes = suite.get("sizes") or {}
@@ -210,7 +211,14 @@ def run_suite(suite: DictConfig, out: Path, launcher: list[str]) -> list[Run]:
 
     runs_dir = (out / "runs").absolute()
     for step in suite.get("prepare") or []:  # e.g. pretraining a backbone once (cached)
-        instantiate(step)
+        try:
+            instantiate(step)
+        except Exception as e:  # noqa: BLE001 - Hydra wraps the step's own one-sentence error
+            cause = e.__cause__ if isinstance(e.__cause__, UserError) else e
+            if isinstance(cause, UserError):
+                raise cause from None
+            raise UserError(f"The suite's preparation step {step.get('_target_')} failed ({cause}); fix it in "
+                            f"conf/suite/{suite.name}.yaml.") from None
     tune = tuning_runs(suite)
     launch(tune, runs_dir, launcher, "tuning")
     failed = [r for r in tune if not finished(runs_dir / r.subdir)]

@@ -205,6 +205,16 @@ def write(path: Path, text: str) -> None:
         raise cannot_write(path, e.strerror or e, path.parent) from e
 
 
+def cost(wall: float, evaluator: Evaluator, position: checkpoint.Position, device) -> dict:
+    """What the run cost: wall time, evaluation time and share (every evaluation: continual, accuracy
+    matrix and baseline, unlike run_end's continual-only eval_share), the most parameters an
+    experience's optimizer updated, and peak memory."""
+    evaluating = evaluator.eval_seconds + evaluator.matrix_seconds
+    return {"wall_time_s": wall, "eval_time_s": evaluator.eval_seconds, "matrix_eval_time_s": evaluator.matrix_seconds,
+            "evaluation_share": evaluating / max(wall, 1e-9), "trainable_parameters": position.trainable_parameters,
+            **runtime.peak_memory(device)}
+
+
 def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, console: bool = True) -> dict:
     run_dir = Path(run_dir)
     main = distributed.is_main()  # under torchrun, rank 0 alone writes files
@@ -269,11 +279,7 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
                                     preemption)
         results = {"protocol": proto, **evaluator.results(), "iterations": position.iteration,
                    "provenance": origin, "config_sha256": fingerprint}
-        results["cost"] = {"wall_time_s": events.elapsed, "eval_time_s": evaluator.eval_seconds,
-                           "matrix_eval_time_s": evaluator.matrix_seconds,
-                           # every evaluation (continual, accuracy matrix, baseline), unlike run_end's eval_share
-                           "evaluation_share": (evaluator.eval_seconds + evaluator.matrix_seconds) / max(events.elapsed, 1e-9),
-                           "trainable_parameters": position.trainable_parameters, **runtime.peak_memory(device)}
+        results["cost"] = cost(events.elapsed, evaluator, position, device)
         diagnostics = strategy.results()  # a method's own (e.g. MOS's task retrieval), or None
         if diagnostics is not None:
             results["strategy"] = diagnostics
