@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import os
 import platform
 import shutil
@@ -29,6 +30,23 @@ COST = {"wall_time_s": "wall (s)", "evaluation_share": "eval share", "trainable_
         "peak_memory_mb": "peak mem (MB)"}
 
 
+def run_cost(folder: Path, results: dict) -> dict:
+    """Wall time, evaluation times and share, trainable parameters and peak memory: from the run's
+    run_end event in metrics.jsonl (measured values stay out of results.json, which is the same bytes
+    for the same seed)."""
+    end = {}
+    with open(folder / "metrics.jsonl") as f:
+        for line in f:
+            if '"run_end"' in line:
+                end = json.loads(line)
+    end = {**(results.get("cost") or {}), **end}  # results.json's cost record: runs of an earlier version
+    wall = end.get("wall_time", end.get("wall_time_s"))
+    evaluating = [end.get(k, end.get(f"{k}_s")) for k in ("eval_time", "matrix_eval_time")]
+    return {"wall_time_s": wall, "eval_time_s": evaluating[0], "matrix_eval_time_s": evaluating[1],
+            "evaluation_share": sum(evaluating) / wall if wall and None not in evaluating else None,
+            "trainable_parameters": end.get("trainable_parameters"), "peak_memory_mb": end.get("peak_memory_mb")}
+
+
 def collect(runs, out: Path) -> pd.DataFrame:
     """One row per run of the suite (finished or not): method, phase, seed, trial, status, folder,
     metrics and cost."""
@@ -45,7 +63,7 @@ def collect(runs, out: Path) -> pd.DataFrame:
         else:
             row["status"] = "finished"
             row.update(job.metrics)
-            row.update(job.results.get("cost") or {})
+            row.update(run_cost(folder, job.results))
             selected = (job.config.get("tuning") or {}).get("selected_runs")
             if r.phase == "evaluation" and selected:
                 row["selected"] = ";".join(sorted(Path(s).name for s in selected))
@@ -147,8 +165,6 @@ def provenance(command: str) -> list[tuple[str, str]]:
 def plots(suite: DictConfig, df: pd.DataFrame, out: Path) -> dict[str, Path]:
     """stability_gap.png (experience 0's accuracy against iteration, mean over the evaluation
     seeds, one line per method), abar.png (Ā with std error bars), accuracy_matrices.png."""
-    import json
-
     import numpy as np
 
     from cl.analysis import load_trace, plot_stability_gap

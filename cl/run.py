@@ -206,13 +206,14 @@ def write(path: Path, text: str) -> None:
 
 
 def cost(wall: float, evaluator: Evaluator, position: checkpoint.Position, device) -> dict:
-    """What the run cost: wall time, evaluation time and share (every evaluation: continual, accuracy
-    matrix and baseline, unlike run_end's continual-only eval_share), the most parameters an
-    experience's optimizer updated, and peak memory."""
+    """What the run cost, for metrics.jsonl's run_end event (results.json stays the same bytes for the
+    same seed): wall time, continual and full-evaluation time, the continual share (`eval_share`) and
+    the share of every evaluation (`evaluation_share`: continual, accuracy matrix, baseline), the most
+    parameters an experience's optimizer updated, and peak memory."""
     evaluating = evaluator.eval_seconds + evaluator.matrix_seconds
-    return {"wall_time_s": wall, "eval_time_s": evaluator.eval_seconds, "matrix_eval_time_s": evaluator.matrix_seconds,
-            "evaluation_share": evaluating / max(wall, 1e-9), "trainable_parameters": position.trainable_parameters,
-            **runtime.peak_memory(device)}
+    return {"wall_time": wall, "eval_time": evaluator.eval_seconds, "matrix_eval_time": evaluator.matrix_seconds,
+            "eval_share": evaluator.eval_share, "evaluation_share": evaluating / max(wall, 1e-9),
+            "trainable_parameters": position.trainable_parameters, **runtime.peak_memory(device)}
 
 
 def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, console: bool = True) -> dict:
@@ -279,13 +280,11 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
                                     preemption)
         results = {"protocol": proto, **evaluator.results(), "iterations": position.iteration,
                    "provenance": origin, "config_sha256": fingerprint}
-        results["cost"] = cost(events.elapsed, evaluator, position, device)
         diagnostics = strategy.results()  # a method's own (e.g. MOS's task retrieval), or None
         if diagnostics is not None:
             results["strategy"] = diagnostics
         events({"event": "run_end", "iteration": position.iteration, "metrics": results["metrics"],
-                "wall_time": events.elapsed, "eval_time": evaluator.eval_seconds,
-                "matrix_eval_time": evaluator.matrix_seconds, "eval_share": evaluator.eval_share})
+                **cost(events.elapsed, evaluator, position, device)})
     finally:
         events.close()
 

@@ -76,8 +76,8 @@ def test_a_suite_runs_end_to_end_and_reports_every_method(suite_run):
         assert f"| {method} | {best} |" in report  # the report names the selected configuration
     page = (suite_run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "http" not in page.replace("http-equiv", "")
-    results = json.loads(next((suite_run / "runs").rglob("results.json")).read_text())
-    assert results["cost"]["trainable_parameters"] > 0 and results["cost"]["peak_memory_mb"] > 0
+    end = json.loads((next((suite_run / "runs").rglob("metrics.jsonl"))).read_text().splitlines()[-1])
+    assert end["event"] == "run_end" and end["trainable_parameters"] > 0 and end["peak_memory_mb"] > 0
 
 
 def comparable(out: Path) -> tuple[pd.DataFrame, str]:

@@ -25,13 +25,13 @@ def float_path() -> dict:
 
 
 def check_reference(name: str, results: dict) -> None:
-    """The regression guard for refactoring: `results.json` without `provenance`, `cost` (measured
-    times and memory) and the config fingerprint (it holds the test's temporary paths) equals the stored reference exactly on the
+    """The regression guard for refactoring: `results.json` without `provenance` (and the config
+    fingerprint, which holds the test's temporary paths) equals the stored reference exactly on the
     float path the reference was taken on; on another machine, the protocol, the iteration count and
     the evaluation sizes must still agree. CL_WRITE_REFERENCES=1 rewrites the references: do it only
     in a commit that says why the numbers changed."""
     path = REFERENCES / f"{name}.json"
-    now = {k: v for k, v in results.items() if k not in ("provenance", "config_sha256", "cost")}  # cost: measured times
+    now = {k: v for k, v in results.items() if k not in ("provenance", "config_sha256")}
     if os.environ.get("CL_WRITE_REFERENCES"):
         path.parent.mkdir(exist_ok=True)
         path.write_text(json.dumps({"float_path": float_path(), "results": now}, indent=1, sort_keys=True) + "\n")
