@@ -25,7 +25,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import math
 import random
 import shlex
 import shutil
@@ -34,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from cl.errors import UserError
 
