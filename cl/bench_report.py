@@ -12,7 +12,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from omegaconf import DictConfig
 from cl.evaluation.metrics import direction
 from cl.protocol import load_job
 
-ROOT = Path(__file__).resolve().parent.parent
 # the columns of the results table, when the suite's runs report them
 METRICS = {"average_incremental_accuracy": "Ā", "final_average_accuracy": "last acc.", "forgetting": "forgetting",
            "bwt": "BWT", "min_acc": "min-ACC", "wc_acc": "WC-ACC", "wf_10": "WF₁₀", "retention": "retention"}
@@ -146,19 +144,15 @@ def machine() -> str:
 
 
 def provenance(command: str) -> list[tuple[str, str]]:
-    from importlib.metadata import version
+    """The header's command, commit, library versions, machine and time (the commit and versions as
+    every run's results.json records them: `cl.run.provenance`)."""
+    from cl.run import provenance as run_provenance
 
-    def git(*args):
-        try:
-            return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=10).stdout.strip()
-        except OSError:
-            return ""
-
-    commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = " (with uncommitted changes)" if git("status", "--porcelain", "--untracked-files=no") else ""
-    libs = ", ".join(f"{n} {version(n)}" for n in ("torch", "torchvision", "timm", "transformers", "peft", "hydra-core"))
-    return [("command", f"`{command}`"), ("git commit", f"{commit}{dirty}"),
-            ("libraries", f"python {platform.python_version()}, {libs}"), ("machine", machine()),
+    origin = run_provenance("cpu", 1)
+    dirty = " (with uncommitted changes)" if origin["git_dirty"] else ""
+    libs = ", ".join(f"{name} {v}" for name, v in origin["versions"].items())
+    return [("command", f"`{command}`"), ("git commit", f"{origin['git_commit'] or 'unknown'}{dirty}"),
+            ("libraries", libs), ("machine", machine()),
             ("written", datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
 
 
