@@ -62,6 +62,8 @@ def collect(runs, out: Path) -> pd.DataFrame:
             row["status"] = "finished"
             row.update(job.metrics)
             row.update(run_cost(folder, job.results))
+            origin = job.results.get("provenance") or {}
+            row["commit"] = (origin.get("git_commit") or "unknown")[:12] + ("+dirty" if origin.get("git_dirty") else "")
             selected = (job.config.get("tuning") or {}).get("selected_runs")
             if r.phase == "evaluation" and selected:
                 row["selected"] = ";".join(sorted(Path(s).name for s in selected))
@@ -243,6 +245,9 @@ def sections(suite: DictConfig, df: pd.DataFrame, seconds: float, command: str) 
         ("time", f"{seconds / 60:.1f} min for this command; {compute / 60:.1f} min of run time in the {len(done)} "
                  "finished runs (the sum of their wall times)"),
         *provenance(command),
+        ("runs made at", ", ".join(f"{c} ({n} runs)" for c, n in done.get("commit", pd.Series(dtype=str))
+                                   .value_counts().items()) + " (the commit each run's results.json records; "
+                                   "+dirty: with uncommitted changes)"),
     ]
     tau = "undefined (the scores are tied)" if t["tau"] != t["tau"] else f"{t['tau']:.3f}"
     notes = [f"Kendall τ between the tuning-pool and evaluation-pool rankings: {tau} over {t['n_tau']} methods "

@@ -74,6 +74,9 @@ def test_a_suite_runs_end_to_end_and_reports_every_method(suite_run):
             other = resolved(suite_run / row.folder)["scenario"]["dataset"]["_target_"]
             assert other == "scenarios.datasets.fashion_mnist" != resolved(suite_run / chosen["folder"])["scenario"]["dataset"]["_target_"]
         assert f"| {method} | {best} |" in report  # the report names the selected configuration
+    origin = json.loads(next((suite_run / "runs").rglob("results.json")).read_text())["provenance"]
+    assert set(runs["commit"]) == {(origin["git_commit"] or "unknown")[:12] + ("+dirty" if origin["git_dirty"] else "")}
+    assert f"**runs made at**: {runs['commit'].iloc[0]} ({len(runs)} runs)" in report  # which code made the numbers
     page = (suite_run / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 and "http" not in page.replace("http-equiv", "")
     end = json.loads((next((suite_run / "runs").rglob("metrics.jsonl"))).read_text().splitlines()[-1])
