@@ -86,7 +86,7 @@ def primary_accuracy(run: Path, events: pd.DataFrame | None = None) -> str:
     (results.json's "accuracy"; for an unfinished run, its run_start event's protocol)."""
     res = Path(run) / "results.json"
     if res.is_file():
-        return json.loads(res.read_text())["accuracy"]
+        return json.loads(res.read_text()).get("accuracy", "loss")
     events = _events(run) if events is None else events
     if "event" in events and "protocol" in events:
         for proto in events.loc[events["event"] == "run_start", "protocol"]:
@@ -138,7 +138,7 @@ def load_results(paths) -> pd.DataFrame:
         row.update({f"protocol.{k}": (tuple(v) if isinstance(v, list) else v)
                     for k, v in res["protocol"].items() if not isinstance(v, dict)})
         row.update(res["metrics"])
-        row["accuracy_type"] = res["accuracy"]
+        row["accuracy_type"] = res.get("accuracy", "loss")  # a token stream's score is a loss
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -47,20 +47,22 @@ def print_summary(results: dict, run_dir: Path) -> None:
     from rich.table import Table
 
     console = Console()
-    R = results["accuracy_matrix"]
+    loss = "loss_matrix" in results  # a token stream: losses, lower is better
+    R = results["loss_matrix" if loss else "accuracy_matrix"]
     p = results["protocol"]
-    table = Table(title=f"accuracy (%) {p['accuracy']}: row i = after experience i, column j = experience j")
+    what = "loss (nats per token)" if loss else f"accuracy (%) {p['accuracy']}"
+    table = Table(title=f"{what}: row i = after experience i, column j = experience j")
     table.add_column("")
     for j in range(len(R[0]) if R else 0):
         table.add_column(f"e{j}", justify="right")
     for i, row in enumerate(R):
-        table.add_row(f"after e{i}", *[f"{100 * a:.1f}" for a in row])
+        table.add_row(f"after e{i}", *[f"{a:.3f}" if loss else f"{100 * a:.1f}" for a in row])
     console.print(table)
     metrics = Table(title=f"{p['strategy']} | {p['scenario']} {p['shape']} | {p['backbone']} | seed {p['seed']}")
     metrics.add_column("metric")
     metrics.add_column("value", justify="right")
     for k, v in results["metrics"].items():
-        metrics.add_row(k, "n/a" if v is None else f"{100 * v:.2f}")
+        metrics.add_row(k, "n/a" if v is None else f"{v:.4f}" if loss else f"{100 * v:.2f}")
     console.print(metrics)
     console.print(f"Run folder: [bold]{run_dir}[/bold]")
 

@@ -28,6 +28,7 @@ from cl.errors import Diverged, UserError
 from cl.evaluation import Evaluator
 from cl.loggers import RunLogger
 from cl.runtime import autocast, epoch_seed
+from cl.schedules import Schedule
 from cl.stream import Stream, TensorData
 from cl.strategy import Context, Plan, Strategy
 
@@ -91,7 +92,12 @@ def plan_experience(trainer: Trainer, stream: Stream, data: TensorData, i: int) 
     n_batches = data.num_batches(batch_size, trainer.drop_last) if len(data) else 0
     if world > 1 and n_batches and len(data) - (n_batches - 1) * batch_size < world:
         n_batches -= 1  # DDP: a last batch too small to give every rank a sample is not trained on
-    return Plan(epochs, batch_size, n_batches, trainer.accumulate_grad_batches)
+    return Plan(epochs, batch_size, n_batches, trainer.accumulate_grad_batches, i, len(stream))
+
+
+def per_iteration(scheduler, trainer: Trainer) -> bool:
+    """Whether the scheduler steps after every optimizer step (cl.schedules' always do) or per epoch."""
+    return isinstance(scheduler, Schedule) or trainer.scheduler_interval == "iteration"
 
 
 def micro_batch(strategy: Strategy, batch, weight: float, scaler, precision: str) -> float:
@@ -119,7 +125,7 @@ def optimizer_step(strategy: Strategy, optimizer, scheduler, scaler, trainer: Tr
     if stepped:
         strategy.after_optimizer_step()
     optimizer.zero_grad(set_to_none=True)
-    if stepped and scheduler is not None and trainer.scheduler_interval == "iteration":
+    if stepped and scheduler is not None and per_iteration(scheduler, trainer):
         scheduler.step()
 
 
@@ -213,7 +219,7 @@ def train(
                     else:  # the epoch's last step: checkpoint after the epoch-end schedule step
                         pending = True
             pos.batch = 0
-            if scheduler is not None and trainer.scheduler_interval == "epoch":
+            if scheduler is not None and not per_iteration(scheduler, trainer):
                 scheduler.step()
             strategy.after_epoch(epoch)
             if per_epoch and epoch < plan.epochs - 1:  # the last epoch's end is evaluated after after_experience

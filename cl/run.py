@@ -2,8 +2,8 @@
 
     config.yaml         the resolved config
     metrics.jsonl       every event, append-only (the source of truth)
-    results.json        the summary: protocol, accuracy matrix, metrics, provenance
-    accuracy_matrix.png
+    results.json        the summary: protocol, accuracy matrix (token streams: loss matrix), metrics, provenance
+    accuracy_matrix.png (token streams: loss_matrix.png), stability_gap.png
     checkpoints/last.pt
 """
 from __future__ import annotations
@@ -139,13 +139,15 @@ def protocol(cfg: DictConfig, stream, model, evaluator: Evaluator, trainer: engi
         **stream.protocol(),
         **(describe() if describe else {"backbone": type(model).__name__, "pretrained": None}),
         "strategy": strategy_name(cfg.strategy),
-        "accuracy": "task-aware" if evaluator.primary_is_task_aware else "task-agnostic",
+        **({"score": "loss: mean cross-entropy per target token, lower is better"} if evaluator.score.lower_is_better
+           else {"accuracy": "task-aware" if evaluator.primary_is_task_aware else "task-agnostic"}),
         "evaluation": {
             "split": evaluator.settings.split,
             "every": evaluator.every,
             "subset": evaluator.settings.subset,
             "resample": evaluator.settings.resample,
-            "matrix": "full eval split of every experience at each experience end",
+            "matrix": "full eval split of every experience at each experience end"
+                      + (f" (and of the held-out domains {', '.join(stream.held_out)})" if stream.held_out else ""),
             "pre_update": evaluator.settings.pre_update,
             "period": evaluator.settings.period,
             "trace": trace_description(evaluator) if evaluator.every else "none",
@@ -291,8 +293,19 @@ def run(cfg: DictConfig, run_dir: str | Path, resume_state: dict | None = None, 
     if not main:
         return results
     write(run_dir / "results.json", json.dumps(results, indent=2))
-    title = f"{proto['strategy']} on {stream.name} {stream.shape_name} ({results['accuracy']})"
-    plots.accuracy_matrix(results["accuracy_matrix"], run_dir / "accuracy_matrix.png", title)
-    if evaluator.trace:
-        plots.stability_gap(evaluator.trace, evaluator.ends, run_dir / "stability_gap.png", title)
+    write_plots(results, evaluator, stream, run_dir)
     return results
+
+
+def write_plots(results: dict, evaluator: Evaluator, stream, run_dir: Path) -> None:
+    """accuracy_matrix.png (a token stream's loss_matrix.png) and stability_gap.png."""
+    loss = "loss_matrix" in results  # a token stream: lower is better
+    proto = results["protocol"]
+    title = f"{proto['strategy']} on {stream.name} {stream.shape_name} ({'loss' if loss else proto['accuracy']})"
+    if loss:
+        plots.accuracy_matrix(results["loss_matrix"], run_dir / "loss_matrix.png", title, loss=True)
+    else:
+        plots.accuracy_matrix(results["accuracy_matrix"], run_dir / "accuracy_matrix.png", title)
+    if evaluator.trace:
+        plots.stability_gap(evaluator.trace, evaluator.ends, run_dir / "stability_gap.png", title, loss=loss,
+                            held_out=evaluator.held_out_trace, names=[e.name for e in stream])

@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cl.schedules import Schedule
 from cl.stream import Batch, Experience, Stream, TensorData
 
 
@@ -80,6 +81,8 @@ class Plan:
     batch_size: int
     batches_per_epoch: int
     accumulate: int = 1
+    experience: int = 0  # which experience of how many (a schedule spanning the stream reads them)
+    experiences: int = 1
 
     @property
     def steps_per_epoch(self) -> int:
@@ -152,14 +155,18 @@ class Strategy:
         return self.model(x)
 
     def training_step(self, batch: Batch) -> Tensor:
-        """The stream's modality picks the loss: cross-entropy over the labels, or over the response tokens."""
-        if self.stream.modality == "instruction":
+        """The stream's modality picks the loss: cross-entropy over the labels, over the response
+        tokens (instruction), or over every next token of the packed blocks (token streams)."""
+        if self.stream.modality in ("instruction", "tokens"):
             return self.token_loss(batch.x, batch.y)
         return F.cross_entropy(self.forward(batch.x, batch.t), batch.y)
 
     def token_loss(self, x: Tensor, y: Tensor) -> Tensor:
         """Mean cross-entropy over the response tokens (targets that are not -100);
-        a `CausalLM` runs its LM head at those positions only."""
+        a `CausalLM` runs its LM head at those positions only. Packed token blocks have no -100:
+        every position is scored, through the plain full-sequence head."""
+        if self.stream.modality == "tokens":
+            return F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
         keep = y != -100
         return F.cross_entropy(self.model(x, keep), y[keep])
 
@@ -210,6 +217,8 @@ class Strategy:
     def configure_optimizer(self, exp: Experience):
         self.optimizer = self.optimizer_factory(self.parameters_to_optimize())
         self.scheduler = self.scheduler_factory(self.optimizer) if self.scheduler_factory else None
+        if isinstance(self.scheduler, Schedule):  # knows where the experience sits in the stream
+            self.scheduler.start(self.plan)
         return self.optimizer, self.scheduler
 
     # ---- checkpoint ------------------------------------------------------------

@@ -7,8 +7,10 @@ runs later, batched on the device (`cl.transforms`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -206,6 +208,94 @@ class TokenData:
             yield self.collate(order[b * batch_size : (b + 1) * batch_size])
 
 
+class TokenBlocks:
+    """Fixed-length training sequences of a token stream, read from memory-mapped arrays of token
+    ids (the `.bin` files a scenario's token cache writes once: documents tokenised, each followed
+    by eos, concatenated). Sample i is the `length + 1` tokens from `starts[i]` of file `sources[i]`:
+    `x` its first `length` tokens and `y` its last `length` (position k predicts token k+1). Blocks
+    of one file step by `length`, so consecutive blocks share one boundary token and every token of
+    the packed range is a target exactly once per epoch; there is no padding and no -100.
+
+    Only the index tensors live in memory, so a corpus may be far larger than memory, and subsets,
+    concatenations and replay samples are views over the same files, never copies. The files are
+    opened read-only on first use in each process (a pickled TokenBlocks carries paths, not data)."""
+
+    def __init__(self, files: Sequence[str | Path], dtype: str, sources: Tensor, starts: Tensor, length: int,
+                 t: Tensor | None = None):
+        self.files = [str(f) for f in files]
+        self.dtype = str(dtype)
+        self.sources = torch.as_tensor(sources, dtype=torch.long)
+        self.starts = torch.as_tensor(starts, dtype=torch.long)
+        self.length = int(length)
+        self.t = torch.zeros(len(self.starts), dtype=torch.long) if t is None else torch.as_tensor(t).long()
+        self._arrays: list | None = None
+
+    @staticmethod
+    def packed(file: str | Path, dtype: str, length: int, blocks: Tensor | Sequence[int] | None = None,
+               offset: int = 0, tokens: int | None = None) -> "TokenBlocks":
+        """Blocks k = 0, 1, ... of the token range [offset, offset + tokens) of one file (all of
+        it by default), or only the listed `blocks`."""
+        if tokens is None:
+            tokens = np.memmap(file, dtype=dtype, mode="r").shape[0] - offset
+        count = max(0, (tokens - 1) // length)
+        index = torch.arange(count) if blocks is None else torch.as_tensor(blocks, dtype=torch.long)
+        return TokenBlocks([file], dtype, torch.zeros_like(index), offset + index * length, length)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_arrays": None}
+
+    def arrays(self) -> list:
+        if self._arrays is None:
+            self._arrays = [np.memmap(f, dtype=self.dtype, mode="r") for f in self.files]
+        return self._arrays
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @property
+    def tokens(self) -> int:
+        """Target tokens: each block predicts `length` tokens."""
+        return len(self) * self.length
+
+    def subset(self, indices) -> "TokenBlocks":
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return TokenBlocks(self.files, self.dtype, self.sources[idx], self.starts[idx], self.length, self.t[idx])
+
+    def with_task(self, task: int) -> "TokenBlocks":
+        return TokenBlocks(self.files, self.dtype, self.sources, self.starts, self.length, torch.full_like(self.t, task))
+
+    @staticmethod
+    def concat(parts: Sequence["TokenBlocks"]) -> "TokenBlocks":
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        if len({(p.length, p.dtype) for p in parts}) > 1:
+            raise ValueError("token blocks of different lengths or dtypes cannot be concatenated")
+        files = list(dict.fromkeys(f for p in parts for f in p.files))
+        where = {f: k for k, f in enumerate(files)}
+        sources = torch.cat([torch.tensor([where[f] for f in p.files], dtype=torch.long)[p.sources] for p in parts])
+        return TokenBlocks(files, parts[0].dtype, sources, torch.cat([p.starts for p in parts]), parts[0].length,
+                           torch.cat([p.t for p in parts]))
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        return n // batch_size if drop_last else -(-n // batch_size)
+
+    def collate(self, idx: Tensor | Sequence[int]) -> Batch:
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        arrays, n = self.arrays(), self.length + 1
+        rows = np.stack([arrays[s][a : a + n] for s, a in zip(self.sources[idx].tolist(), self.starts[idx].tolist())])
+        block = torch.from_numpy(rows.astype(np.int64))
+        return Batch(x=block[:, :-1], y=block[:, 1:], t=self.t[idx], raw=None)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                start: int = 0, step: int = 1) -> Iterator[Batch]:
+        n = len(self)
+        order = torch.randperm(n, generator=_epoch_generator(seed)) if shuffle else torch.arange(n)
+        for b in range(start, self.num_batches(batch_size, drop_last), step):
+            yield self.collate(order[b * batch_size : (b + 1) * batch_size])
+
+
 @dataclass
 class Experience:
     """One step of the stream: its classes (labels after the class-order remap),
@@ -222,7 +312,7 @@ class Experience:
     metric: str = "accuracy"  # instruction tasks: exact | rouge_l | edit_similarity (how generations are scored)
 
 
-MODALITIES = ("classification", "instruction")
+MODALITIES = ("classification", "instruction", "tokens")
 TEXT_METRICS = ("exact", "rouge_l", "edit_similarity")  # an instruction task's `metric` (cl.evaluation.text scores it)
 
 
@@ -261,8 +351,12 @@ class Stream:
     info: dict = field(default_factory=dict)  # dataset, pool, pretraining... for results.json
     # what a sample is, which picks the training loss (`Strategy.training_step`) and the scorers
     # (`cl.evaluation.scorer_for`): "classification" (labels) | "instruction" (prompt -> response tokens)
+    # | "tokens" (packed token blocks of a corpus per experience: language modelling, scored by loss)
     modality: str = "classification"
     retention: "RetentionPrompts | None" = None  # instruction streams: the retention probe's prompts
+    # domains scored at every evaluation but never trained on, by name (a token stream's original
+    # distribution: what continual pre-training costs the base model)
+    held_out: dict = field(default_factory=dict)
 
     def __post_init__(self):
         """A stream that trains on nothing would report the untrained model as the result: refuse it."""

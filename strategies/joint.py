@@ -19,5 +19,5 @@ class Joint(Strategy):
     def train_dataset(self, exp: Experience) -> TensorData:
         seen = self.stream.experiences[: exp.index + 1]
         if self.cumulative or exp.index == len(self.stream) - 1:
-            return TensorData.concat([e.train for e in seen])
+            return type(exp.train).concat([e.train for e in seen])
         return exp.train.subset([])

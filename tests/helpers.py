@@ -7,12 +7,14 @@ import torch
 
 from strategies.clr import CLR
 from strategies.dst import DST
+from strategies.finetune import Finetune
 from strategies.hft import HFT
 from strategies.lcia import LCIA
 from strategies.lm_replay import LMReplay
 from strategies.lora import SeqLoRA
 from strategies.mos import MOS
 from strategies.replay import DERPP, ER, ERACE
+from strategies.token_replay import TokenReplay
 
 
 class Crash:
@@ -72,6 +74,14 @@ class CrashingLMReplay(Crash, LMReplay):
 
 
 class CrashingSeqLoRA(Crash, SeqLoRA):
+    pass
+
+
+class CrashingTokenReplay(Crash, TokenReplay):
+    pass
+
+
+class CrashingFinetune(Crash, Finetune):
     pass
 
 

@@ -43,15 +43,16 @@ def check_reference(name: str, results: dict) -> None:
     else:
         for key in ("protocol", "iterations", "eval_sizes"):
             assert now[key] == reference["results"][key], f"{name}: {key} differs from {path}"
-RUN_FILES = ["config.yaml", "metrics.jsonl", "results.json", "accuracy_matrix.png", "checkpoints/last.pt"]
+RUN_FILES = ["config.yaml", "metrics.jsonl", "results.json", "checkpoints/last.pt"]
 
 
 def assert_run_folder(run_dir: Path) -> dict:
-    for f in RUN_FILES:
-        assert (run_dir / f).is_file(), f"{f} missing from {run_dir}"
     results = read_results(run_dir)
+    matrix = "loss_matrix" if "loss_matrix" in results else "accuracy_matrix"  # token streams: a loss
+    for f in RUN_FILES + [f"{matrix}.png"]:
+        assert (run_dir / f).is_file(), f"{f} missing from {run_dir}"
     T = results["protocol"]["num_experiences"]
-    assert len(results["accuracy_matrix"]) == T and all(len(r) == T for r in results["accuracy_matrix"])
+    assert len(results[matrix]) == T and all(len(r) == T for r in results[matrix])
     kinds = {e["event"] for e in read_events(run_dir)}
     assert {"run_start", "experience_start", "eval", "experience_end", "run_end"} <= kinds
     return results
@@ -62,7 +63,8 @@ def test_every_preset_is_tested():
             "adab2n_derpp_cifar100", "adab2n_online_splitfmnist", "clr_cifar100", "clr_splitfmnist", "dst_cifar100",
             "dst_splitfmnist", "finetune_til_splitfmnist", "mos_cifar100", "mos_imagenet_r", "simplecil_cifar100",
             "finetune_smollm2", "hft_smollm2", "lora_smollm2", "lcia_smollm2", "replay_smollm2",
-            "hft_trace", "lcia_trace", "seqlora_trace"} <= set(PRESETS)
+            "hft_trace", "lcia_trace", "seqlora_trace", "cpt_smollm2", "cpt_smollm2_replay", "cpt_smollm2_infinite",
+            "cpt_smollm2_joint"} <= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -87,6 +87,20 @@ def test_killed_instruction_tuning_run_resumes_to_the_same_numbers(tmp_path, ove
     assert_resumes_to_the_same_numbers(tmp_path, LM + overrides, crash_at)
 
 
+CPT = ["debug=smoke", "trainer.checkpoint_every=3", "trainer.log_every=1", "evaluation.every=2"]
+
+
+@pytest.mark.parametrize("overrides,crash_at", [
+    (["experiment=cpt_smollm2_replay", "strategy._target_=tests.helpers.CrashingTokenReplay", "strategy.fraction=0.3"], 11),
+    (["experiment=cpt_smollm2_infinite", "strategy._target_=tests.helpers.CrashingFinetune"], 8),
+], ids=["replay", "infinite_schedule"])
+def test_killed_continual_pre_training_run_resumes_to_the_same_numbers(tmp_path, data_root, overrides, crash_at):
+    """Continual pre-training killed mid-experience: the replay counters and generator, the
+    schedule's position across experiences and the token-stream trace (with the held-out
+    domain) come out the same."""
+    assert_resumes_to_the_same_numbers(tmp_path, CPT + [f"data_dir={data_root}"] + overrides, crash_at)
+
+
 def assert_resumes_to_the_same_numbers(tmp_path, overrides, crash_at):
     try:
         Crash.crash_at = None

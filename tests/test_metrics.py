@@ -144,3 +144,49 @@ def test_stability_metrics_with_a_single_experience():
 def test_stability_metrics_without_a_trace_are_none():
     s = M.stability_summary({}, [0, 3], [3, 6])
     assert all(v is None for v in s.values())
+
+
+# ---- lower-is-better: a loss matrix (token streams) -------------------------------------------
+
+L = [
+    [2.0, 4.0, 5.0],
+    [2.5, 1.5, 4.5],
+    [3.0, 2.0, 1.0],
+]
+LB = [3.0, 4.5, 5.5]  # the untrained model's losses
+
+
+def test_loss_metrics_by_hand():
+    m = M.loss_summary(L, [10, 10, 20], LB)
+    assert m["final_average_loss"] == pytest.approx(2.0)
+    assert m["final_loss"] == pytest.approx((30 + 20 + 20) / 40)
+    assert m["final_perplexity"] == pytest.approx(2.718281828 ** 1.75, rel=1e-8)
+    # stage 0: 2.0; stage 1: (25 + 15) / 20; stage 2: 70 / 40
+    assert m["average_incremental_loss"] == pytest.approx((2.0 + 2.0 + 1.75) / 3)
+    # forgetting: the final loss over the lowest one reached before the end: e0 3.0 - 2.0, e1 2.0 - 1.5
+    assert m["loss_forgetting"] == pytest.approx((1.0 + 0.5) / 2)
+    # BWT: the loss just after learning minus the final loss (negative: old losses rose)
+    assert m["loss_bwt"] == pytest.approx(((2.0 - 3.0) + (1.5 - 2.0)) / 2)
+    # FWT: how far earlier training lowered an unseen domain's loss below the untrained model's
+    assert m["loss_fwt"] == pytest.approx(((4.5 - 4.0) + (5.5 - 4.5)) / 2)
+    for name in ("final_average_loss", "loss_forgetting", "max_loss", "wc_loss", "loss_wf_10", "held_out_loss_increase"):
+        assert M.direction(name) == "min", name
+    for name in ("loss_bwt", "loss_fwt", "loss_wp_10"):
+        assert M.direction(name) == "max", name
+
+
+def test_loss_stability_metrics_by_hand():
+    # e0 learned by iteration 10, e1 by 20, e2 by 30
+    trace = {0: [(0, 5.0), (5, 3.0), (10, 2.0), (12, 3.5), (15, 2.8), (20, 2.5), (25, 3.1), (30, 3.0)],
+             1: [(10, 4.0), (15, 2.0), (20, 1.5), (22, 2.6), (30, 2.0)],
+             2: [(20, 4.5), (30, 1.0)]}
+    s = M.loss_stability_summary(trace, [0, 10, 20], [10, 20, 30], windows=(2,), beta=2)
+    # the worst loss of each finished domain after it was learned: e0 3.5 (the gap), e1 2.6
+    assert s["max_loss"] == pytest.approx((3.5 + 2.6) / 2)
+    assert s["wc_loss"] == pytest.approx(1.0 / 3 + (2 / 3) * 3.05)
+    # the largest rise within 2 consecutive evaluations: e0 2.0 -> 3.5, e1 1.5 -> 2.6, e2 none
+    assert s["loss_wf_2"] == pytest.approx((1.5 + 1.1 + 0.0) / 3)
+    # the largest fall: e0 5.0 -> 3.0, e1 4.0 -> 2.0, e2 4.5 -> 1.0
+    assert s["loss_wp_2"] == pytest.approx((2.0 + 2.0 + 3.5) / 3)
+    # the mean loss over each domain's first 2 evaluations while learned
+    assert s["loss_lca_2"] == pytest.approx(((5.0 + 3.0) / 2 + (4.0 + 2.0) / 2 + (4.5 + 1.0) / 2) / 3)

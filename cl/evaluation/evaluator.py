@@ -98,22 +98,37 @@ def classification_scores(logits: Tensor, batch: Batch, classes: Tensor, task_aw
 
 
 class ClassificationScorer:
-    """Correct counts from `predict`'s logits over the labels seen so far (`classification_scores`)."""
+    """Correct counts from `predict`'s logits over the labels seen so far (`classification_scores`).
+
+    A scorer (one per modality, `scorer_for`) declares `names(full)`, the per-sample sums its call
+    returns for a batch, in that order; `primary`, the one the accuracy matrix and the trace hold;
+    `lower_is_better` of the primary; and `task_aware` (whether a task-aware accuracy is among them)."""
+
+    primary = "accuracy"
+    lower_is_better = False
 
     def __init__(self, stream: Stream, device: torch.device):
         self.task_aware = stream.setting in ("class", "task")
         self.classes = [torch.tensor(e.classes, device=device) for e in stream]
 
-    def __call__(self, strategy, batch: Batch, exp, full: bool) -> tuple[int, int]:
-        return classification_scores(strategy.predict(batch), batch, self.classes[exp.index], self.task_aware)
+    def names(self, full: bool) -> tuple[str, ...]:
+        return ("accuracy", "accuracy_task_aware") if self.task_aware else ("accuracy",)
+
+    def __call__(self, strategy, batch: Batch, exp, full: bool) -> tuple:
+        c, ca = classification_scores(strategy.predict(batch), batch, self.classes[exp.index], self.task_aware)
+        return (c, ca) if self.task_aware else (c,)
 
 
 def scorer_for(stream: Stream, device: torch.device):
-    """The stream's modality picks how a batch is scored: (strategy, batch, experience, full) -> counts."""
+    """The stream's modality picks how a batch is scored: (strategy, batch, experience, full) -> sums."""
     if stream.modality == "instruction":
         from cl.evaluation.text import InstructionScorer
 
         return InstructionScorer()
+    if stream.modality == "tokens":
+        from cl.evaluation.tokens import TokenLossScorer
+
+        return TokenLossScorer()
     return ClassificationScorer(stream, device)
 
 
@@ -162,9 +177,14 @@ class Evaluator:
         self.data: list[TensorData] = [e.valid if settings.split == "validation" else e.eval for e in stream]
         if settings.split == "validation" and any(d is None for d in self.data):
             raise UserError("evaluation.split=validation needs a validation split: set scenario.validation=0.1 (a fraction).")
+        # domains scored at every evaluation but never trained on (a token stream's original
+        # distribution): indexed after the experiences in `data` and the trace
+        self.held_out_names = list(stream.held_out)
+        self.held_out = list(stream.held_out.values())
+        self.data += self.held_out
         self.generator = torch.Generator().manual_seed(int(seed) * 7919 + 17)
         self.subsets = [self._fixed_subset(d, seed, j) for j, d in enumerate(self.data)]
-        self.sizes = [len(d) for d in self.data]
+        self.sizes = [len(d) for d in self.data[: len(stream)]]
         self.score = scorer_for(stream, self.device)
         self.task_aware_available = self.score.task_aware
         self.probe = None
@@ -177,6 +197,7 @@ class Evaluator:
         self.initial_row_task_aware: list[float] | None = None
         self.rows: list[list[float]] = []
         self.rows_task_aware: list[list[float]] = []
+        self.held_out_rows: list[list[float]] = []
         self.trace_iters = [array("q") for _ in self.data]
         self.trace_accs = [array("d") for _ in self.data]
         self.starts: list[int] = []
@@ -208,12 +229,16 @@ class Evaluator:
         n = -(-len(data) // self.settings.batch_size)
         return len(range(distributed.rank(), n, distributed.world()))
 
-    def accuracy(self, j: int, data: TensorData, full: bool = False,
-                 advance: Callable[[], None] = lambda: None) -> tuple[float, float | None]:
-        """(task-agnostic accuracy, task-aware accuracy or None) of the current model on `data`,
-        by the stream's scorer (`full`: a full evaluation). `advance` is called after each batch."""
-        correct = correct_aware = 0
-        # under DDP each rank scores every world-th batch; the counts are summed over ranks
+    def measure(self, j: int, data: TensorData, full: bool = False,
+                advance: Callable[[], None] = lambda: None) -> dict[str, float]:
+        """The scorer's per-sample means on `data` for the current model, by name (classification:
+        `accuracy`, and `accuracy_task_aware` where tasks are known; `full`: a full evaluation).
+        `j` is the experience whose data it is (or a held-out domain's index past the stream's).
+        `advance` is called after each batch."""
+        names = self.score.names(full)
+        sums = [0.0] * len(names)
+        exp = self.stream[j] if j < len(self.stream) else None
+        # under DDP each rank scores every world-th batch; the sums are summed over ranks
         for batch in data.batches(self.settings.batch_size, start=distributed.rank(), step=distributed.world()):
             batch = batch.to(self.device, non_blocking=True)
             if self.stream.eval_transform is not None:
@@ -221,16 +246,20 @@ class Evaluator:
             if not self.stream.task_aware:
                 batch.t = torch.full_like(batch.t, -1)
             with self.autocast():
-                c, ca = self.score(self.strategy, batch, self.stream[j], full)
-            correct += c
-            correct_aware += ca
+                sums = [a + b for a, b in zip(sums, self.score(self.strategy, batch, exp, full))]
             advance()
-        correct, correct_aware = distributed.all_sum([correct, correct_aware], self.device)
         n = max(len(data), 1)
-        return correct / n, (correct_aware / n if self.task_aware_available else None)
+        return {k: v / n for k, v in zip(names, distributed.all_sum(sums, self.device))}
 
-    def _evaluate(self, which: list[int], full: bool, iteration: int, training_exp: int) -> list[tuple]:
+    @property
+    def trace_key(self) -> str:
+        """The score the continual trace (and the primary matrix) holds."""
+        return "accuracy_task_aware" if self.primary_is_task_aware else self.score.primary
+
+    def _evaluate(self, which: list[int], full: bool, iteration: int, training_exp: int) -> list[dict]:
+        """Scores of the experiences `which`, then of the held-out domains (never trained on)."""
         out, datas = [], []
+        which = list(which) + [len(self.stream) + h for h in range(len(self.held_out))]
         for j in which:
             data = self.data[j]
             if not full:
@@ -243,16 +272,15 @@ class Evaluator:
                 else f"evaluating after experience {training_exp + 1}/{len(self.stream)}")
         with eval_mode(self.strategy.model), self.progress(what, sum(map(self.num_batches, datas))) as advance:
             for j, data in zip(which, datas):
-                acc, acc_aware = self.accuracy(j, data, full, advance)
-                out.append((acc, acc_aware))
-                event = {"event": "eval", "iteration": iteration, "experience": training_exp,
-                         "eval_experience": j, "accuracy": acc, "n": len(data), "full": full}
-                if acc_aware is not None:
-                    event["accuracy_task_aware"] = acc_aware
-                self.log(event)
+                scores = self.measure(j, data, full, advance)
+                out.append(scores)
+                where = ({"eval_experience": j} if j < len(self.stream)
+                         else {"held_out": self.held_out_names[j - len(self.stream)]})
+                self.log({"event": "eval", "iteration": iteration, "experience": training_exp, **where,
+                          **scores, "n": len(data), "full": full})
                 if not full:
                     self.trace_iters[j].append(iteration)
-                    self.trace_accs[j].append(acc_aware if self.primary_is_task_aware else acc)
+                    self.trace_accs[j].append(scores[self.trace_key])
         return out
 
     def _continual(self, which: list[int], iteration: int, i: int) -> None:
@@ -277,8 +305,9 @@ class Evaluator:
         with self.strategy.baseline():
             res = self._evaluate(list(range(len(self.stream))), True, 0, -1)
         self._retention(-1, 0)
-        self.initial_row = [a for a, _ in res]
-        self.initial_row_task_aware = [a for _, a in res] if self.task_aware_available else None
+        res = self._keep_held_out(res)
+        self.initial_row = [r[self.score.primary] for r in res]
+        self.initial_row_task_aware = [r["accuracy_task_aware"] for r in res] if self.task_aware_available else None
         self.matrix_seconds += time.perf_counter() - start
 
     def experience_start(self, i: int, iteration: int) -> None:
@@ -307,13 +336,21 @@ class Evaluator:
     def end_of_experience(self, i: int, iteration: int) -> list[float]:
         start = time.perf_counter()
         self.ends.append(iteration)
-        res = self._evaluate(list(range(len(self.stream))), True, iteration, i)
-        self.rows.append([a for a, _ in res])
+        res = self._keep_held_out(self._evaluate(list(range(len(self.stream))), True, iteration, i))
+        self.rows.append([r[self.score.primary] for r in res])
         self._retention(i, iteration)
         if self.task_aware_available:
-            self.rows_task_aware.append([a for _, a in res])
+            self.rows_task_aware.append([r["accuracy_task_aware"] for r in res])
         self.matrix_seconds += time.perf_counter() - start
         return self.rows[-1]
+
+    def _keep_held_out(self, res: list[dict]) -> list[dict]:
+        """A full evaluation's results: the held-out domains' scores are kept in `held_out_rows`
+        (one row per full evaluation, the untrained model's first), the experiences' returned."""
+        T = len(self.stream)
+        if self.held_out:
+            self.held_out_rows.append([r[self.score.primary] for r in res[T:]])
+        return res[:T]
 
     def _retention(self, i: int, iteration: int) -> None:
         """The retention probe of instruction streams: base answers first, then agreement with them."""
@@ -335,13 +372,24 @@ class Evaluator:
 
     @property
     def trace(self) -> dict[int, list[tuple[int, float]]]:
-        return {j: list(zip(its, accs)) for j, (its, accs) in enumerate(zip(self.trace_iters, self.trace_accs)) if its}
+        """The continual trace of each experience: (iteration, score) of every evaluation."""
+        T = len(self.stream)
+        return {j: list(zip(its, accs)) for j, (its, accs) in enumerate(zip(self.trace_iters[:T], self.trace_accs[:T]))
+                if its}
+
+    @property
+    def held_out_trace(self) -> dict[str, list[tuple[int, float]]]:
+        T = len(self.stream)
+        return {name: list(zip(self.trace_iters[T + h], self.trace_accs[T + h]))
+                for h, name in enumerate(self.held_out_names)}
 
     def _summary(self, R, b) -> dict:
         # FWT needs predictions for unseen classes: undefined for a class-incremental head that grows.
         return metrics.summary(R, self.sizes, None if self.stream.setting == "class" else b) if R else {}
 
     def results(self) -> dict:
+        if self.score.lower_is_better:
+            return self._loss_results()
         aware = self.primary_is_task_aware
         primary = self.rows_task_aware if aware else self.rows
         b = self.initial_row_task_aware if aware else self.initial_row
@@ -353,18 +401,7 @@ class Evaluator:
             "accuracy_matrix": primary,
             "eval_sizes": self.sizes,
             "initial_accuracy": b,
-            "continual_evaluation": {
-                "enabled": self.every > 0 or len(self.periods) > 1,
-                "subset": self.settings.subset,
-                "resample": self.settings.resample,
-                "at_epoch_end": self.settings.at_epoch_end,
-                "pre_update": self.settings.pre_update,
-                "period": self.settings.period,
-                "budget": self.settings.budget,
-                "periods": self.periods,
-                "evaluations": sum(len(t) for t in self.trace_iters),
-                "experience_ends": self.ends,
-            },
+            "continual_evaluation": self._continual_settings(),
         }
         if self.probe is not None:
             out["retention"] = self.probe.results()
@@ -377,10 +414,54 @@ class Evaluator:
             out[f"metrics_{name}"] = self._summary(other, self.initial_row if aware else self.initial_row_task_aware)
         return out
 
+    def _loss_results(self) -> dict:
+        """results.json of a lower-is-better score (token streams): the loss matrix L[i][j] (mean
+        cross-entropy per target token on domain j after experience i), its perplexities, the
+        metrics named for a loss (`metrics.loss_summary`, `metrics.loss_stability_summary`) and the
+        held-out domains' losses."""
+        import math
+
+        R, b = self.rows, self.initial_row
+        out = {
+            "score": f"{self.score.primary}: {self.score.description}",
+            "metrics": {**(metrics.loss_summary(R, self.sizes, b) if R else {}),
+                        **metrics.loss_stability_summary(self.trace, self.starts, self.ends, self.settings.windows,
+                                                         self.settings.lca_beta)},
+            "loss_matrix": R,
+            "perplexity_matrix": [[math.exp(v) for v in row] for row in R],
+            "eval_sizes": self.sizes,
+            "initial_loss": b,
+            "continual_evaluation": self._continual_settings(),
+        }
+        if self.held_out:
+            rows = self.held_out_rows
+            out["held_out"] = {name: {"initial_loss": rows[0][h] if rows else None,
+                                      "loss_after_experience": [r[h] for r in rows[1:]],
+                                      "trace": [list(p) for p in self.held_out_trace[name]]}
+                               for h, name in enumerate(self.held_out_names)}
+            if len(rows) > 1:
+                out["metrics"]["held_out_loss_increase"] = sum(rows[-1]) / len(rows[-1]) - sum(rows[0]) / len(rows[0])
+        return out
+
+    def _continual_settings(self) -> dict:
+        return {
+            "enabled": self.every > 0 or len(self.periods) > 1,
+            "subset": self.settings.subset,
+            "resample": self.settings.resample,
+            "at_epoch_end": self.settings.at_epoch_end,
+            "pre_update": self.settings.pre_update,
+            "period": self.settings.period,
+            "budget": self.settings.budget,
+            "periods": self.periods,
+            "evaluations": sum(len(t) for t in self.trace_iters[: len(self.stream)]),
+            "experience_ends": self.ends,
+        }
+
     def state_dict(self) -> dict:
         return {
             "initial_row": self.initial_row, "initial_row_task_aware": self.initial_row_task_aware,
             "rows": _matrix(self.rows), "rows_task_aware": _matrix(self.rows_task_aware),
+            "held_out_rows": _matrix(self.held_out_rows),
             # as bytes: pickling one object per evaluation made checkpoints of long streams slow
             "trace_iters": [t.tobytes() for t in self.trace_iters], "trace_accs": [t.tobytes() for t in self.trace_accs],
             "starts": self.starts, "ends": self.ends, "every": self.every, "periods": self.periods,
@@ -394,6 +475,7 @@ class Evaluator:
         self.initial_row, self.initial_row_task_aware = state["initial_row"], state["initial_row_task_aware"]
         self.rows = [list(r) for r in _rows(state["rows"])]
         self.rows_task_aware = [list(r) for r in _rows(state["rows_task_aware"])]
+        self.held_out_rows = [list(r) for r in _rows(state.get("held_out_rows", []))]
         self.trace_iters = [_array("q", t) for t in state["trace_iters"]]
         self.trace_accs = [_array("d", t) for t in state["trace_accs"]]
         self.starts, self.ends = list(state["starts"]), list(state["ends"])

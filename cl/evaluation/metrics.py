@@ -13,6 +13,12 @@ evaluations, not iterations.
 
 Undefined values (e.g. forgetting with a single experience) are None, written
 as null in results.json.
+
+Lower-is-better scores (a token stream's loss matrix L[i][j]) get the same metrics under names
+that say so (`loss_summary`, `loss_stability_summary`): each is the accuracy form on -L, turned
+back into a loss where it is a level, so `loss_forgetting` is the final increase over the lowest
+loss reached earlier, `max_loss` the worst loss an old domain reached after it was learned (the
+stability gap's depth, min-ACC's counterpart), `loss_bwt` the mean decrease of old domains' losses.
 """
 from __future__ import annotations
 
@@ -140,13 +146,63 @@ def learning_curve_area(trace: Trace, starts: Sequence[int], ends: Sequence[int]
     return _mean(per)
 
 
+# ---- lower-is-better scores (loss) -----------------------------------------------------------
+
+def _negated(R: Matrix) -> list[list[float]]:
+    return [[-v for v in row] for row in R]
+
+
+def loss_summary(L: Matrix, sizes: Sequence[int], b: Sequence[float] | None = None) -> dict:
+    """End-of-experience metrics of a loss matrix L[i][j] (lower is better):
+    final_average_loss = mean_j L[T-1][j]; final_loss = the same pooled over eval samples;
+    average_incremental_loss = mean over stages of the (pooled) loss on the domains seen so far;
+    loss_forgetting = mean_{j<T-1} L[T-1][j] - min_{j<=i<T-1} L[i][j] (>0: forgot);
+    loss_bwt = mean_{j<T-1} L[j][j] - L[T-1][j] (>0: later training lowered old losses);
+    loss_fwt = mean_{j>=1} b[j] - L[j-1][j] (>0: earlier domains lowered an unseen one's loss);
+    final_perplexity = exp(final_loss)."""
+    import math
+
+    neg = _negated(L)
+    final = final_accuracy(L, sizes)
+    return {
+        "final_average_loss": final_average_accuracy(L),
+        "final_loss": final,
+        "final_perplexity": math.exp(final) if final < 700 else float("inf"),
+        "average_incremental_loss": average_incremental_accuracy(L, sizes),
+        "loss_forgetting": forgetting(neg),
+        "loss_bwt": backward_transfer(neg),
+        "loss_fwt": forward_transfer(neg, [-v for v in b]) if b is not None else None,
+    }
+
+
+def loss_stability_summary(trace: Trace, starts: Sequence[int], ends: Sequence[int], windows=(10, 100),
+                           beta: int = 10) -> dict:
+    """The continual-evaluation metrics of a loss trace: max_loss (mean over finished domains of
+    the highest loss after they were learned), wc_loss (last domain's last loss / T + (1 - 1/T)
+    max_loss), loss_wf_<h> (the largest loss rise within h evaluations), loss_wp_<h> (the largest
+    fall), loss_lca_<β> (mean loss over a domain's first β evaluations while it is learned)."""
+    neg = {j: [(it, -v) for it, v in evals] for j, evals in trace.items()}
+
+    def back(v):
+        return None if v is None else -v
+
+    out = {"max_loss": back(min_acc(neg, ends)), "wc_loss": back(wc_acc(neg, ends))}
+    for h in windows:
+        out[f"loss_wf_{h}"] = windowed_forgetting(neg, h)
+        out[f"loss_wp_{h}"] = windowed_plasticity(neg, h)
+    out[f"loss_lca_{beta}"] = back(learning_curve_area(neg, starts, ends, beta))
+    return out
+
+
 # ---- which way is better ----------------------------------------------------------------------
 
 # The one place that says it: cl.protocol selects the tuning phase's best configuration and
 # cl.report ranks strategies with it. Windowed metrics (wf_<h>, wp_<h>, lca_<β>) by prefix.
-LOWER_IS_BETTER = ("forgetting", "wf_")
+LOWER_IS_BETTER = ("forgetting", "wf_", "final_average_loss", "final_loss", "final_perplexity",
+                   "average_incremental_loss", "loss_forgetting", "max_loss", "wc_loss", "loss_wf_", "loss_lca_",
+                   "held_out_loss_increase")
 HIGHER_IS_BETTER = ("final_average_accuracy", "final_accuracy", "average_incremental_accuracy", "bwt", "fwt",
-                    "min_acc", "wc_acc", "wp_", "lca_", "retention")
+                    "min_acc", "wc_acc", "wp_", "lca_", "retention", "loss_bwt", "loss_fwt", "loss_wp_")
 
 
 def direction(name: str) -> str:

@@ -70,11 +70,16 @@ class InstructionScorer:
     continual evaluation, the task's metric on `generate`'s output in full evaluations."""
 
     task_aware = False
+    primary = "accuracy"
+    lower_is_better = False
 
-    def __call__(self, strategy, batch: Batch, exp, full: bool) -> tuple[float, int]:
+    def names(self, full: bool) -> tuple[str, ...]:
+        return ("accuracy",)
+
+    def __call__(self, strategy, batch: Batch, exp, full: bool) -> tuple[float]:
         if full:
-            return generated_scores(strategy, batch, exp), 0
-        return teacher_forced_scores(strategy.predict(batch), batch), 0
+            return (generated_scores(strategy, batch, exp),)
+        return (teacher_forced_scores(strategy.predict(batch), batch),)
 
 
 class RetentionProbe:

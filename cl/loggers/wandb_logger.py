@@ -34,6 +34,11 @@ class WandbLogger:
             self.run.log({"train/loss": event["loss"], "train/lr": event.get("lr"), "experience": event["experience"]}, step=step)
         elif kind == "run_start":  # which accuracy the metrics use: acc_exp<j> is that one
             self.task_aware = (event.get("protocol") or {}).get("accuracy") == "task-aware"
+        elif kind == "eval" and "loss" in event:  # a token stream: losses, per domain and held-out domain
+            tag = "full" if event.get("full") else "subset"
+            where = f"exp{event['eval_experience']}" if "eval_experience" in event else f"held_out_{event.get('held_out')}"
+            self.run.log({f"eval_{tag}/loss_{where}": event["loss"],
+                          f"eval_{tag}/token_accuracy_{where}": event.get("token_accuracy")}, step=step)
         elif kind == "eval":
             tag, j = "full" if event.get("full") else "subset", event["eval_experience"]
             aware = self.task_aware and "accuracy_task_aware" in event
