@@ -95,25 +95,62 @@ def primary_accuracy(run: Path, events: pd.DataFrame | None = None) -> str:
     return "task-agnostic"
 
 
+def _run_start(events: pd.DataFrame) -> dict:
+    if "event" in events and "protocol" in events:
+        for proto in events.loc[events["event"] == "run_start", "protocol"]:
+            if isinstance(proto, dict):
+                return proto
+    return {}
+
+
+def trace_score(run: Path, events: pd.DataFrame, full: bool) -> str:
+    """The event field a run's trace (`full=False`) or full evaluations hold as its score: a token
+    stream's `loss`; an instruction stream's declared teacher-forced score in its trace
+    (`evaluation.continual_score`) and the generated `accuracy` in full evaluations; otherwise
+    "accuracy"."""
+    proto = _run_start(events)
+    if "score" in proto:  # a token stream
+        return "loss"
+    if proto.get("setting") == "instruction" and not full:
+        cfg = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
+        score = (cfg.get("evaluation") or {}).get("continual_score", "token_accuracy")
+        return {"exact": "exact_tf"}.get(score, score)
+    return "accuracy"
+
+
 def load_trace(paths, full: bool = False, config: bool = True) -> pd.DataFrame:
     """Every evaluation as a row: run, iteration, experience (being trained),
     eval_experience, accuracy, n. `accuracy` is the run's primary accuracy, the one its
     metrics (min-ACC, WF, ...) are computed from (`accuracy_type` says which: task-aware in
     task-incremental runs); `accuracy_task_agnostic` and, where known, `accuracy_task_aware`
     hold both. `full=False` keeps the continual (subset) evaluations, `full=True` the
-    end-of-experience ones."""
+    end-of-experience ones.
+
+    `score` is what the run's metrics are computed from and `score_type` names it: the primary
+    accuracy; an instruction stream's teacher-forced continual score (token_accuracy,
+    token_loss or exact_tf) in its trace; a token stream's `loss` (lower is better, no
+    `accuracy` column), whose rows also carry `tokens` (training tokens seen by then) and
+    `held_out` (the name of a domain never trained on; its eval_experience is NaN)."""
     frames = []
     for run in find_runs(paths):
         ev = _events(run)
         if ev.empty or "event" not in ev:
             continue
         primary = primary_accuracy(run, ev)
+        score = trace_score(run, ev, full)
+        proto = _run_start(ev)
         ev = ev[(ev["event"] == "eval") & (ev["full"] == full)].drop(columns=["event"])
         if ev.empty:
             continue
-        ev = ev.dropna(axis=1, how="all").rename(columns={"accuracy": "accuracy_task_agnostic"})
-        ev.insert(ev.columns.get_loc("accuracy_task_agnostic"), "accuracy",
-                  ev["accuracy_task_aware"] if primary == "task-aware" else ev["accuracy_task_agnostic"])
+        ev = ev.dropna(axis=1, how="all")
+        if "accuracy" in ev:
+            ev = ev.rename(columns={"accuracy": "accuracy_task_agnostic"})
+            ev.insert(ev.columns.get_loc("accuracy_task_agnostic"), "accuracy",
+                      ev["accuracy_task_aware"] if primary == "task-aware" else ev["accuracy_task_agnostic"])
+        ev["score"] = ev["accuracy"] if score == "accuracy" else ev[score]
+        ev["score_type"] = primary if score == "accuracy" else score
+        if score == "loss" and proto.get("seq_len"):
+            ev["tokens"] = ev["iteration"] * proto["batch_size"] * proto["seq_len"]
         ev["accuracy_type"] = primary
         if config:
             for k, v in run_config(run).items():
@@ -165,6 +202,14 @@ def compare(results: pd.DataFrame, metrics: Sequence[str], by: str | Sequence[st
     return table
 
 
+def experience_ends(run: str | Path) -> list[int]:
+    """The iterations at which the run's experiences ended (its experience_end events)."""
+    ev = _events(Path(run))
+    if "event" not in ev:
+        return []
+    return [int(it) for it in ev.loc[ev["event"] == "experience_end", "iteration"]]
+
+
 def _boundaries(run: str, trace: pd.DataFrame) -> list[int]:
     """Iterations where a new experience starts: the run's experience_end events (the last
     evaluation of an experience), else the first evaluation of each later experience."""
@@ -178,24 +223,29 @@ def _boundaries(run: str, trace: pd.DataFrame) -> list[int]:
 
 def plot_stability_gap(trace: pd.DataFrame, eval_experience: int = 0, by: str = "strategy", ax=None):
     """Accuracy on one experience against iteration, one line per group (mean over runs),
-    with the experience boundaries of the first run marked. The curve is `trace["accuracy"]`,
-    each run's primary accuracy (the one its metrics are computed from)."""
+    with the experience boundaries of the first run marked. The curve is `trace["score"]`,
+    what each run's metrics are computed from (its primary accuracy; a loss is plotted as
+    a loss, where the peaks after a boundary are the gap)."""
     import matplotlib.pyplot as plt
 
     if ax is None:
         _, ax = plt.subplots(figsize=(9, 4))
     sub = trace[trace["eval_experience"] == eval_experience]
+    column = "score" if "score" in sub else "accuracy"
+    kinds = sorted(set(sub["score_type" if "score_type" in sub else "accuracy_type"].dropna())) if len(sub) else []
+    loss = any("loss" in k for k in kinds)  # a lower-is-better trace: plotted as is, peaks are the gap
+    scale = 1 if loss else 100
     for name, g in sub.groupby(by):
-        curve = g.groupby("iteration")["accuracy"].mean()
-        ax.plot(curve.index, 100 * curve.values, lw=1.0, label=str(name))
+        curve = g.groupby("iteration")[column].mean()
+        ax.plot(curve.index, scale * curve.values, lw=1.0, label=str(name))
     first = sub["run"].iloc[0] if len(sub) else None
     if first is not None:
         for it in _boundaries(first, trace[trace["run"] == first]):
             ax.axvline(it, color="grey", lw=0.6, ls="--")
     ax.set_xlabel("iteration")
-    kinds = sorted(set(sub["accuracy_type"].dropna())) if "accuracy_type" in sub else []
-    ax.set_ylabel(f"{' / '.join(kinds) or 'accuracy'} on experience {eval_experience} (%)")
-    ax.set_ylim(-2, 102)
+    ax.set_ylabel(f"{' / '.join(kinds) or 'accuracy'} on experience {eval_experience}" + ("" if loss else " (%)"))
+    if not loss:
+        ax.set_ylim(-2, 102)
     ax.legend()
     return ax
 

@@ -165,7 +165,7 @@ class Strategy:
         """Mean cross-entropy over the response tokens (targets that are not -100);
         a `CausalLM` runs its LM head at those positions only. Packed token blocks have no -100:
         every position is scored, through the plain full-sequence head."""
-        if self.stream.modality == "tokens":
+        if self.stream is not None and self.stream.modality == "tokens":
             return F.cross_entropy(self.model(x).flatten(0, 1), y.flatten())
         keep = y != -100
         return F.cross_entropy(self.model(x, keep), y[keep])

@@ -181,6 +181,12 @@ class TokenData:
         n = len(self)
         return n // batch_size if drop_last else -(-n // batch_size)
 
+    def by_length(self) -> "TokenData":
+        """The same examples, longest response first (ties: longest prompt): generation batches of
+        similar lengths pad little and stop together."""
+        key = [(len(s) - p, p) for s, p in zip(self.seqs, self.prompt_lens.tolist())]
+        return self.subset(sorted(range(len(self)), key=lambda i: key[i], reverse=True))
+
     def collate(self, idx: Tensor | Sequence[int]) -> Batch:
         idx = torch.as_tensor(idx, dtype=torch.long)
         seqs = [self.seqs[i] for i in idx.tolist()]
@@ -310,6 +316,7 @@ class Experience:
     name: str = ""
     valid: TensorData | None = None
     metric: str = "accuracy"  # instruction tasks: exact | rouge_l | edit_similarity (how generations are scored)
+    max_new_tokens: int | None = None  # instruction tasks: the cap on generated tokens (None: reference length + 2)
 
 
 MODALITIES = ("classification", "instruction", "tokens")

@@ -310,10 +310,13 @@ def instruction_stream(
     name: str = "instructions",
     retention: dict | None = None,
     root: str | None = None,
+    max_new_tokens: int | None = None,
 ) -> Stream:
     """One experience per task, in the order given; `tokenizer` is the model's
     `pretrained` (the same tokenizer the model decodes with); relative task paths
-    are under `root`."""
+    are under `root`. `max_new_tokens` caps generation (a task entry's own
+    `max_new_tokens` overrides it); by default a sample generates its reference's
+    length + 2 tokens."""
     from cl.models.causal_lm import load_tokenizer
 
     if not tasks:
@@ -324,10 +327,17 @@ def instruction_stream(
                           if t.get(k) and not Path(str(t[k])).expanduser().is_absolute()}} for t in map(dict, tasks)]
     loaded = [load_task(dict(task), fields, seed + 7919 * i, train_size, test_size) for i, task in enumerate(tasks)]
     tok = load_tokenizer(tokenizer, cache_dir)  # after the data, so missing data is named first
+    if tok.chat_template is None:
+        raise UserError(f"The tokenizer of {tokenizer} has no chat template; use an instruction-tuned model "
+                        "or one whose tokenizer_config.json sets chat_template.")
+    caps = [dict(task).get("max_new_tokens", max_new_tokens) for task in tasks]
+    for cap in caps:
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+            raise UserError(f"max_new_tokens must be a positive integer or null, got {cap!r}.")
     experiences, names = [], []
     for i, (task_name, train, test, metric) in enumerate(loaded):
         experiences.append(Experience(
-            index=i, classes=[], task_label=i, name=task_name, metric=metric,
+            index=i, classes=[], task_label=i, name=task_name, metric=metric, max_new_tokens=caps[i],
             train=tokenize(tok, train, prompt_format, max_length, system).with_task(i),
             eval=tokenize(tok, test, prompt_format, max_length, system).with_task(i)))
         names.append(task_name)
@@ -344,6 +354,7 @@ def instruction_stream(
         info={"tasks": names, "metrics": [e.metric for e in experiences],
               "train_sizes": [len(e.train) for e in experiences], "test_sizes": [len(e.eval) for e in experiences],
               "tokenizer": tokenizer, "prompt_format": prompt_format,
-              "score": "full evaluations: greedy generation scored by each task's metric; continual evaluation: "
-                       "teacher-forced exact match on the response tokens"},
+              "max_new_tokens": caps,
+              "score": "generated entries: greedy generation scored by each task's metric; every evaluation: "
+                       "teacher-forced token accuracy, token loss and exact match of the response tokens"},
     )

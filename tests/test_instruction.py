@@ -143,10 +143,29 @@ def test_teacher_forced_exact_match_agrees_with_generated_exact_match_on_a_memor
     with torch.inference_mode():
         for i in range(len(mixed)):
             batch = mixed.collate([i])
-            tf.append(teacher_forced_scores(strategy.predict(batch), batch))
+            exact, accuracy, loss = teacher_forced_scores(strategy.predict(batch), batch)
+            tf.append(exact)
             gen.append(generated_scores(strategy, batch, stream[0]))
+            assert (accuracy == 1.0) == (exact == 1.0) and (loss < 0.1 or exact == 0)
     assert tf[:6] == [1] * 6
     assert tf == gen  # sample by sample
+
+
+def test_teacher_forced_token_accuracy_and_loss_by_hand():
+    """Two samples with 2 and 3 response tokens (-100 elsewhere): per sample, the share of right
+    argmaxes and the mean cross-entropy, summed over the batch; exact only when all are right."""
+    from cl.stream import Batch
+
+    y = torch.tensor([[-100, 1, 2, -100], [-100, 0, 1, 2]])
+    logits = torch.full((2, 4, 3), -1e4)
+    logits[0, 1, 1] = logits[0, 2, 0] = 0.0  # sample 0: token 1 right, token 2 wrong (argmax 0)
+    logits[1, 1, 0] = logits[1, 2, 1] = logits[1, 3, 2] = 0.0  # sample 1: all right
+    logits[0, 2, 2] = -1.0  # the target of sample 0's 2nd token has some mass: its loss is finite
+    exact, accuracy, loss = teacher_forced_scores(logits, Batch(x=torch.zeros(2, 4, dtype=torch.long), y=y,
+                                                                t=torch.zeros(2)))
+    assert exact == 1.0 and accuracy == pytest.approx(0.5 + 1.0)
+    second = -torch.log_softmax(torch.tensor([0.0, -1e4, -1.0]), 0)[2].item()
+    assert loss == pytest.approx((0.0 + second) / 2 + 0.0, abs=1e-6)
 
 
 def test_retention_probe_scores_agreement_with_the_base_answers():
@@ -215,3 +234,44 @@ def test_trace_presets_carry_the_papers_settings():
     assert compose(["experiment=lcia_trace", "debug=smoke"]).strategy.lora.r == 8
     assert [t["name"] for t in compose(["experiment=seqlora_trace"]).scenario.tasks] == [
         "C-STANCE", "FOMC", "MeetingBank", "Py150", "ScienceQA", "NumGLUE-cm", "NumGLUE-ds", "20Minuten"]
+
+
+@pytest.mark.parametrize("mode", ["diagonal_and_final", "final"])
+def test_generate_modes_generate_only_their_entries_and_say_so(tmp_path, mode):
+    """evaluation.generate: the accuracy matrix holds generated scores where they were generated and
+    null elsewhere, the teacher-forced matrices are whole, the metrics that need missing entries are
+    null, and every full-evaluation event says whether it generated; the trace is token accuracy."""
+    from tests.conftest import read_events, run_inprocess
+
+    res = run_inprocess(["experiment=finetune_smollm2", "debug=smoke", "scenario.train_size=8",
+                         "scenario.tasks=[{generator: sentiment}, {generator: uppercase}, {generator: arithmetic}]",
+                         f"evaluation.generate={mode}", "evaluation.every=2"], tmp_path)
+    R = res["accuracy_matrix"]
+    for i, row in enumerate(R):
+        for j, v in enumerate(row):
+            generated = i == 2 or (mode == "diagonal_and_final" and i == j)
+            assert (v is not None) == generated, (i, j, v)
+    assert res["initial_accuracy"] == [None] * 3
+    forced = res["teacher_forced"]
+    assert forced["score"] == "token_accuracy" and res["continual_score"] == "token_accuracy"
+    assert all(v is not None for rows in forced["matrices"].values() for row in rows for v in row)
+    assert set(forced["matrices"]) == {"exact_tf", "token_accuracy", "token_loss"}
+    assert forced["metrics"]["average_incremental_accuracy"] is not None
+    m = res["metrics"]
+    assert m["final_average_accuracy"] is not None and m["average_incremental_accuracy"] is None
+    assert (m["bwt"] is not None) == (mode == "diagonal_and_final")
+    full = [e for e in read_events(tmp_path) if e["event"] == "eval" and e["full"]]
+    assert sum(e["generated"] for e in full) == (5 if mode == "diagonal_and_final" else 3)
+    continual = [e for e in read_events(tmp_path) if e["event"] == "eval" and not e["full"]]
+    assert continual and all({"exact_tf", "token_accuracy", "token_loss"} <= set(e) for e in continual)
+
+
+def test_a_token_loss_trace_gets_lower_is_better_stability_metrics(tmp_path):
+    from tests.conftest import run_inprocess
+
+    res = run_inprocess(["experiment=finetune_smollm2", "debug=smoke", "scenario.train_size=8",
+                         "evaluation.continual_score=token_loss", "evaluation.every=2"], tmp_path)
+    m = res["metrics"]
+    assert m["max_loss"] is not None and m["loss_wf_10"] is not None and "min_acc" not in m
+    assert res["teacher_forced"]["score"] == "token_loss"
+    assert res["teacher_forced"]["metrics"]["loss_forgetting"] is not None

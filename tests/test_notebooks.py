@@ -68,7 +68,20 @@ def test_compare_sweep_notebook(tmp_path, monkeypatch):
     assert "6 runs; swept: ['optimizer.lr']" in printed
 
 
-@pytest.mark.parametrize("name", ["stability_gap.ipynb", "compare_sweep.ipynb"])
+@pytest.mark.parametrize("name", ["stability_gap.ipynb", "compare_sweep.ipynb", "continual_pretraining.ipynb"])
 def test_the_first_cell_says_the_notebook_runs_full_experiments_unless_smoke(name):
     first = nbformat.read(NOTEBOOKS / name, as_version=4).cells[0]
     assert first.cell_type == "markdown" and "full" in first.source and "CL_NOTEBOOK_ARGS=debug=smoke" in first.source
+
+
+def test_continual_pretraining_notebook(tmp_path, monkeypatch, data_root):
+    """The four presets at smoke size: the loss-per-domain figure (held-out domain included) and
+    the table of loss metrics, one row per preset."""
+    monkeypatch.setenv("CL_NOTEBOOK_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("CL_NOTEBOOK_ARGS", f"debug=smoke data_dir={data_root}")
+    nb = execute("continual_pretraining.ipynb", tmp_path)
+    assert images(nb) >= 1 and (tmp_path / "runs" / "loss_per_domain.png").is_file()
+    table = nb.cells[-1].outputs[0]["data"]["text/plain"]
+    for preset in ("cpt_smollm2 ", "cpt_smollm2_replay", "cpt_smollm2_infinite", "cpt_smollm2_joint"):
+        assert preset in table, preset
+    assert "final_average_loss" in table and "held_out_loss_increase" in table

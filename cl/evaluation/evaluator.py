@@ -73,12 +73,15 @@ def _array(typecode: str, saved) -> array:
 
 
 def _matrix(rows: list[list[float]]) -> torch.Tensor:
-    """Accuracy rows as one float64 tensor for the checkpoint (exact; T² Python floats pickle slowly)."""
-    return torch.tensor(rows, dtype=torch.float64)
+    """Accuracy rows as one float64 tensor for the checkpoint (exact; T² Python floats pickle slowly);
+    an entry not measured (None: an instruction entry not generated) is stored as NaN."""
+    return torch.tensor([[float("nan") if v is None else v for v in row] for row in rows], dtype=torch.float64)
 
 
 def _rows(saved) -> list:
-    return saved.tolist() if isinstance(saved, torch.Tensor) else saved
+    if not isinstance(saved, torch.Tensor):
+        return saved
+    return [[None if v != v else v for v in row] for row in saved.tolist()]
 
 
 def classification_scores(logits: Tensor, batch: Batch, classes: Tensor, task_aware: bool) -> tuple[int, int]:
@@ -120,7 +123,8 @@ class ClassificationScorer:
 
 
 def scorer_for(stream: Stream, device: torch.device):
-    """The stream's modality picks how a batch is scored: (strategy, batch, experience, full) -> sums."""
+    """The stream's modality picks how a batch is scored: (strategy, batch, experience, full) -> sums
+    (`full`: a full evaluation entry that generates, for instruction streams)."""
     if stream.modality == "instruction":
         from cl.evaluation.text import InstructionScorer
 
@@ -130,6 +134,11 @@ def scorer_for(stream: Stream, device: torch.device):
 
         return TokenLossScorer()
     return ClassificationScorer(stream, device)
+
+
+GENERATE = ("all", "diagonal_and_final", "final")
+CONTINUAL_SCORES = ("token_accuracy", "token_loss", "exact")  # instruction streams, teacher-forced
+LOSSES = ("loss", "token_loss")  # trace scores that are lower-is-better
 
 
 @dataclass
@@ -147,6 +156,10 @@ class Evaluation:
     budget: float | None = None
     windows: tuple = (10, 100)
     lca_beta: int = 10
+    # instruction streams: which accuracy-matrix entries are generated (the others are teacher-forced only),
+    # and the teacher-forced score the continual trace and its stability metrics use
+    generate: str = "all"
+    continual_score: str = "token_accuracy"
 
     def __post_init__(self):
         for name, low in (("every", 0), ("subset", 1), ("batch_size", 1)):
@@ -155,9 +168,11 @@ class Evaluation:
                 kind = "a non-negative" if low == 0 else "a positive"
                 raise UserError(f"evaluation.{name} must be {kind} integer, got {value!r}.")
         for name, allowed in (("split", ("test", "validation")), ("pre_update", ("first", "every")),
-                              ("period", ("epoch", "global"))):
+                              ("period", ("epoch", "global")), ("generate", GENERATE),
+                              ("continual_score", CONTINUAL_SCORES)):
             if getattr(self, name) not in allowed:
-                raise UserError(f"evaluation.{name} must be {' or '.join(allowed)}, not {getattr(self, name)!r}.")
+                raise UserError(f"evaluation.{name} must be {', '.join(allowed[:-1])} or {allowed[-1]}, "
+                                f"not {getattr(self, name)!r}.")
         if self.budget is not None and not 0 < self.budget < 1:
             raise UserError(f"evaluation.budget must be a fraction in (0, 1) or null, got {self.budget!r}.")
         self.windows = tuple(self.windows)
@@ -184,6 +199,8 @@ class Evaluator:
         self.data += self.held_out
         self.generator = torch.Generator().manual_seed(int(seed) * 7919 + 17)
         self.subsets = [self._fixed_subset(d, seed, j) for j, d in enumerate(self.data)]
+        if stream.modality == "instruction":  # full evaluations generate: batches of similar lengths
+            self.data = [d.by_length() for d in self.data]
         self.sizes = [len(d) for d in self.data[: len(stream)]]
         self.score = scorer_for(stream, self.device)
         self.task_aware_available = self.score.task_aware
@@ -198,6 +215,9 @@ class Evaluator:
         self.rows: list[list[float]] = []
         self.rows_task_aware: list[list[float]] = []
         self.held_out_rows: list[list[float]] = []
+        # every other score of each full evaluation, by name (instruction streams: the teacher-forced ones)
+        self.other_rows: dict[str, list[list[float]]] = {}
+        self.initial_other: dict[str, list[float]] = {}
         self.trace_iters = [array("q") for _ in self.data]
         self.trace_accs = [array("d") for _ in self.data]
         self.starts: list[int] = []
@@ -253,8 +273,17 @@ class Evaluator:
 
     @property
     def trace_key(self) -> str:
-        """The score the continual trace (and the primary matrix) holds."""
+        """The score the continual trace holds: the primary accuracy; an instruction stream's
+        declared teacher-forced score (`continual_score`); a token stream's loss."""
+        if self.stream.modality == "instruction":
+            return {"exact": "exact_tf"}.get(self.settings.continual_score, self.settings.continual_score)
         return "accuracy_task_aware" if self.primary_is_task_aware else self.score.primary
+
+    def generates(self, j: int, training_exp: int) -> bool:
+        """Whether an instruction stream's full evaluation of experience j after experience
+        `training_exp` (-1: the untrained model) generates (`evaluation.generate`)."""
+        mode, last = self.settings.generate, len(self.stream) - 1
+        return mode == "all" or training_exp == last or (mode == "diagonal_and_final" and j == training_exp)
 
     def _evaluate(self, which: list[int], full: bool, iteration: int, training_exp: int) -> list[dict]:
         """Scores of the experiences `which`, then of the held-out domains (never trained on)."""
@@ -272,12 +301,14 @@ class Evaluator:
                 else f"evaluating after experience {training_exp + 1}/{len(self.stream)}")
         with eval_mode(self.strategy.model), self.progress(what, sum(map(self.num_batches, datas))) as advance:
             for j, data in zip(which, datas):
-                scores = self.measure(j, data, full, advance)
+                generate = full and self.generates(j, training_exp)
+                scores = self.measure(j, data, generate, advance)
                 out.append(scores)
                 where = ({"eval_experience": j} if j < len(self.stream)
                          else {"held_out": self.held_out_names[j - len(self.stream)]})
+                extra = {"generated": generate} if full and self.stream.modality == "instruction" else {}
                 self.log({"event": "eval", "iteration": iteration, "experience": training_exp, **where,
-                          **scores, "n": len(data), "full": full})
+                          **scores, "n": len(data), "full": full, **extra})
                 if not full:
                     self.trace_iters[j].append(iteration)
                     self.trace_accs[j].append(scores[self.trace_key])
@@ -306,7 +337,8 @@ class Evaluator:
             res = self._evaluate(list(range(len(self.stream))), True, 0, -1)
         self._retention(-1, 0)
         res = self._keep_held_out(res)
-        self.initial_row = [r[self.score.primary] for r in res]
+        self.initial_row = [r.get(self.score.primary) for r in res]
+        self.initial_other = {k: [r.get(k) for r in res] for k in self._other_names(res)}
         self.initial_row_task_aware = [r["accuracy_task_aware"] for r in res] if self.task_aware_available else None
         self.matrix_seconds += time.perf_counter() - start
 
@@ -337,12 +369,17 @@ class Evaluator:
         start = time.perf_counter()
         self.ends.append(iteration)
         res = self._keep_held_out(self._evaluate(list(range(len(self.stream))), True, iteration, i))
-        self.rows.append([r[self.score.primary] for r in res])
+        self.rows.append([r.get(self.score.primary) for r in res])
+        for k in self._other_names(res):
+            self.other_rows.setdefault(k, []).append([r.get(k) for r in res])
         self._retention(i, iteration)
         if self.task_aware_available:
             self.rows_task_aware.append([r["accuracy_task_aware"] for r in res])
         self.matrix_seconds += time.perf_counter() - start
         return self.rows[-1]
+
+    def _other_names(self, res: list[dict]) -> list[str]:
+        return sorted({k for r in res for k in r} - {self.score.primary, "accuracy_task_aware"})
 
     def _keep_held_out(self, res: list[dict]) -> list[dict]:
         """A full evaluation's results: the held-out domains' scores are kept in `held_out_rows`
@@ -393,16 +430,19 @@ class Evaluator:
         aware = self.primary_is_task_aware
         primary = self.rows_task_aware if aware else self.rows
         b = self.initial_row_task_aware if aware else self.initial_row
+        stability = metrics.loss_stability_summary if self.trace_key in LOSSES else metrics.stability_summary
         out = {
             "accuracy": "task-aware" if aware else "task-agnostic",
-            "metrics": {**self._summary(primary, b),
-                        **metrics.stability_summary(self.trace, self.starts, self.ends, self.settings.windows,
-                                                    self.settings.lca_beta)},
+            "metrics": {**(self._generated_summary(primary, b) if self.stream.modality == "instruction"
+                           else self._summary(primary, b)),
+                        **stability(self.trace, self.starts, self.ends, self.settings.windows, self.settings.lca_beta)},
             "accuracy_matrix": primary,
             "eval_sizes": self.sizes,
             "initial_accuracy": b,
             "continual_evaluation": self._continual_settings(),
         }
+        if self.stream.modality == "instruction":
+            out.update(self._teacher_forced_results())
         if self.probe is not None:
             out["retention"] = self.probe.results()
             if self.probe.agreement:
@@ -413,6 +453,41 @@ class Evaluator:
             out[f"accuracy_matrix_{name}"] = other
             out[f"metrics_{name}"] = self._summary(other, self.initial_row if aware else self.initial_row_task_aware)
         return out
+
+    def _generated_summary(self, R, b) -> dict:
+        """An instruction stream's matrix metrics from the generated entries (`evaluation.generate`):
+        all of them when every entry is generated; with diagonal_and_final the final accuracies and
+        BWT (R[T-1][j] - R[j][j]); with final, the final accuracies. The rest are null, and the
+        teacher-forced matrix (always whole) has them."""
+        if self.settings.generate == "all":
+            return self._summary(R, b)
+        out = dict.fromkeys(("final_average_accuracy", "final_accuracy", "average_incremental_accuracy",
+                             "forgetting", "bwt", "fwt"))
+        if R and None not in R[-1]:
+            out["final_average_accuracy"] = metrics.final_average_accuracy(R)
+            out["final_accuracy"] = metrics.final_accuracy(R, self.sizes)
+            if self.settings.generate == "diagonal_and_final" and len(R) == len(self.stream):
+                out["bwt"] = metrics.backward_transfer(R)
+        return out
+
+    def _teacher_forced_results(self) -> dict:
+        """An instruction stream's teacher-forced matrices (every entry, one forward per batch) and
+        the metrics of the declared continual score on its matrix."""
+        key = self.trace_key
+        R, b = self.other_rows.get(key, []), self.initial_other.get(key)
+        if key in LOSSES:
+            summary = metrics.loss_summary(R, self.sizes, b) if R else {}
+        else:
+            summary = metrics.summary(R, self.sizes, b) if R else {}
+        mode = self.settings.generate
+        return {
+            "generated_entries": {"all": "every entry (and the untrained model's row)",
+                                  "diagonal_and_final": "R[j][j] and the last row; the others are null",
+                                  "final": "the last row; the others are null"}[mode],
+            "continual_score": self.settings.continual_score,
+            "teacher_forced": {"score": key, "metrics": summary, "initial": b,
+                               "matrices": {k: rows for k, rows in sorted(self.other_rows.items())}},
+        }
 
     def _loss_results(self) -> dict:
         """results.json of a lower-is-better score (token streams): the loss matrix L[i][j] (mean
@@ -462,6 +537,7 @@ class Evaluator:
             "initial_row": self.initial_row, "initial_row_task_aware": self.initial_row_task_aware,
             "rows": _matrix(self.rows), "rows_task_aware": _matrix(self.rows_task_aware),
             "held_out_rows": _matrix(self.held_out_rows),
+            "other_rows": {k: _matrix(v) for k, v in self.other_rows.items()}, "initial_other": self.initial_other,
             # as bytes: pickling one object per evaluation made checkpoints of long streams slow
             "trace_iters": [t.tobytes() for t in self.trace_iters], "trace_accs": [t.tobytes() for t in self.trace_accs],
             "starts": self.starts, "ends": self.ends, "every": self.every, "periods": self.periods,
@@ -476,6 +552,8 @@ class Evaluator:
         self.rows = [list(r) for r in _rows(state["rows"])]
         self.rows_task_aware = [list(r) for r in _rows(state["rows_task_aware"])]
         self.held_out_rows = [list(r) for r in _rows(state.get("held_out_rows", []))]
+        self.other_rows = {k: [list(r) for r in _rows(v)] for k, v in (state.get("other_rows") or {}).items()}
+        self.initial_other = dict(state.get("initial_other") or {})
         self.trace_iters = [_array("q", t) for t in state["trace_iters"]]
         self.trace_accs = [_array("d", t) for t in state["trace_accs"]]
         self.starts, self.ends = list(state["starts"]), list(state["ends"])

@@ -1,12 +1,19 @@
 """How instruction tasks are scored.
 
-- Continual evaluation (every `every` iterations): **teacher-forced exact match**,
-  one forward pass per batch: a sample counts when the argmax at every response
-  position (answer tokens and eos) is the reference token.
+- **Teacher-forced scores**, one forward pass per batch, at every evaluation: per sample,
+  `token_accuracy` (the share of response positions, answer tokens and eos, whose argmax is
+  the reference token), `token_loss` (the mean cross-entropy of the response tokens) and
+  `exact_tf` (1 when every response position is right). Continual evaluation records all
+  three; the trace and its stability metrics use the declared `evaluation.continual_score`
+  (token_accuracy by default: exact match of a whole 50-word answer is 0 at every step and
+  measures nothing; token_loss makes them lower-is-better `loss_*` metrics).
 - Full evaluations (the accuracy matrix): **generation**, greedy, then the task's
   metric on the decoded text: `exact` (exact match after stripping), `rouge_l`
   (ROUGE-L F1 over whitespace tokens, for free-form tasks) or `edit_similarity`
-  (difflib's ratio, TRACE's Py150 metric).
+  (difflib's ratio, TRACE's Py150 metric). `evaluation.generate` says which entries are
+  generated (all; diagonal_and_final: R[j][j] and the last row; final: the last row), the
+  rest are teacher-forced only; batches are sorted by length, and the new tokens of a
+  sample are the reference's length + 2, capped by the task's `max_new_tokens`.
 - **Retention probe**: general prompts answered greedily by the model before any
   tuning; after each task the same prompts are answered again and scored against
   those base answers (ROUGE-L F1, and the exact-agreement rate). It measures how
@@ -17,6 +24,8 @@ from __future__ import annotations
 import difflib
 import functools
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from cl.stream import TEXT_METRICS, Batch, RetentionPrompts
@@ -51,35 +60,47 @@ def edit_similarity(prediction: str, reference: str) -> float:
 SCORERS = dict(zip(TEXT_METRICS, (exact_match, rouge_l, edit_similarity)))
 
 
-def teacher_forced_scores(logits: Tensor, batch: Batch) -> int:
-    """Samples whose every response token is the argmax under teacher forcing."""
+def teacher_forced_scores(logits: Tensor, batch: Batch) -> tuple[float, float, float]:
+    """Sums over the batch's samples of (exact match, token accuracy, mean token loss) of the
+    response tokens under teacher forcing."""
     targets = batch.y
-    hit = (logits.argmax(-1) == targets) | (targets == -100)
-    return int(hit.all(1).sum())
+    mask = targets != -100
+    right = logits.argmax(-1) == targets
+    tokens = mask.sum(1).clamp(min=1)
+    exact = (right | ~mask).all(1).sum()
+    accuracy = ((right & mask).sum(1) / tokens).sum()
+    rows = mask.nonzero()[:, 0]
+    ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
+    loss = (torch.zeros(len(targets), dtype=ce.dtype, device=ce.device).index_add_(0, rows, ce) / tokens).sum()
+    return float(exact), float(accuracy), float(loss)
 
 
 def generated_scores(strategy, batch: Batch, exp) -> float:
-    """Sum of the experience's metric over greedy generations of the batch."""
-    outputs = strategy.generate(batch, batch.extra["max_new_tokens"])
+    """Sum of the experience's metric over greedy generations of the batch (at most the task's
+    `max_new_tokens` new tokens, when it sets a cap)."""
+    n = batch.extra["max_new_tokens"]
+    if exp.max_new_tokens is not None:
+        n = min(n, exp.max_new_tokens)
+    outputs = strategy.generate(batch, n)
     score = SCORERS[exp.metric]
     return sum(score(o, a) for o, a in zip(outputs, batch.extra["answers"]))
 
 
 class InstructionScorer:
-    """The scorer of instruction streams: teacher-forced exact match on `predict`'s logits in
-    continual evaluation, the task's metric on `generate`'s output in full evaluations."""
+    """The scorer of instruction streams: the teacher-forced scores on `predict`'s logits at every
+    evaluation, and (`full`: an entry that generates) the task's metric on `generate`'s output."""
 
     task_aware = False
     primary = "accuracy"
     lower_is_better = False
+    TEACHER_FORCED = ("exact_tf", "token_accuracy", "token_loss")
 
     def names(self, full: bool) -> tuple[str, ...]:
-        return ("accuracy",)
+        return (("accuracy",) if full else ()) + self.TEACHER_FORCED
 
-    def __call__(self, strategy, batch: Batch, exp, full: bool) -> tuple[float]:
-        if full:
-            return (generated_scores(strategy, batch, exp),)
-        return (teacher_forced_scores(strategy.predict(batch), batch),)
+    def __call__(self, strategy, batch: Batch, exp, full: bool) -> tuple[float, ...]:
+        forced = teacher_forced_scores(strategy.predict(batch), batch)
+        return ((generated_scores(strategy, batch, exp),) if full else ()) + forced
 
 
 class RetentionProbe:

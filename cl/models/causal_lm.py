@@ -133,9 +133,6 @@ def load_tokenizer(pretrained: str, cache_dir: str = "data/models"):
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        raise UserError(f"The tokenizer of {pretrained} has no chat template; use an instruction-tuned model "
-                        "or one whose tokenizer_config.json sets chat_template.")
     return tokenizer
 
 
