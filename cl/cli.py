@@ -56,7 +56,7 @@ def print_summary(results: dict, run_dir: Path) -> None:
     for j in range(len(R[0]) if R else 0):
         table.add_column(f"e{j}", justify="right")
     for i, row in enumerate(R):
-        table.add_row(f"after e{i}", *[f"{a:.3f}" if loss else f"{100 * a:.1f}" for a in row])
+        table.add_row(f"after e{i}", *["-" if a is None else f"{a:.3f}" if loss else f"{100 * a:.1f}" for a in row])
     console.print(table)
     metrics = Table(title=f"{p['strategy']} | {p['scenario']} {p['shape']} | {p['backbone']} | seed {p['seed']}")
     metrics.add_column("metric")

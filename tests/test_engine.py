@@ -21,8 +21,9 @@ SMALL = [
 
 def comparable(events):
     """Events without wall times, and without the marker a resumed run adds."""
-    return [{k: v for k, v in e.items() if k not in ("t", "wall_time", "eval_time", "matrix_eval_time", "eval_share",
-                                                      "evaluation_share", "peak_memory_mb")}
+    timed = ("t", "seconds", "wall_time", "eval_time", "matrix_eval_time", "eval_share", "evaluation_share",
+             "peak_memory_mb")
+    return [{k: v for k, v in e.items() if k not in timed}
             for e in events if e["event"] != "resume"]
 
 

@@ -299,16 +299,21 @@ class Evaluator:
             datas.append(data)
         what = ("continual evaluation" if not full else "evaluating the untrained model" if training_exp < 0
                 else f"evaluating after experience {training_exp + 1}/{len(self.stream)}")
+        if full and self.stream.modality == "instruction":  # generation passes are the slow ones: say which
+            generating = sum(self.generates(j, training_exp) for j in which if j < len(self.stream))
+            what += f" (generating {generating} of {len(self.stream)} tasks)"
         with eval_mode(self.strategy.model), self.progress(what, sum(map(self.num_batches, datas))) as advance:
             for j, data in zip(which, datas):
                 generate = full and self.generates(j, training_exp)
+                began = time.perf_counter()
                 scores = self.measure(j, data, generate, advance)
+                seconds = round(time.perf_counter() - began, 4)
                 out.append(scores)
                 where = ({"eval_experience": j} if j < len(self.stream)
                          else {"held_out": self.held_out_names[j - len(self.stream)]})
                 extra = {"generated": generate} if full and self.stream.modality == "instruction" else {}
                 self.log({"event": "eval", "iteration": iteration, "experience": training_exp, **where,
-                          **scores, "n": len(data), "full": full, **extra})
+                          **scores, "n": len(data), "full": full, **extra, "seconds": seconds})
                 if not full:
                     self.trace_iters[j].append(iteration)
                     self.trace_accs[j].append(scores[self.trace_key])
