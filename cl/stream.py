@@ -132,7 +132,23 @@ class TensorData:
             yield Batch(x=x, y=y, t=t, raw=x)
 
 
-class TokenData:
+class CollatedData:
+    """Data whose batches are built by `collate(indices)` (token sequences): the `TensorData`
+    batching, a seeded shuffle per epoch, `start` to resume mid-epoch, `step` to shard."""
+
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        n = len(self)
+        return n // batch_size if drop_last else -(-n // batch_size)
+
+    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
+                start: int = 0, step: int = 1) -> Iterator[Batch]:
+        n = len(self)
+        order = torch.randperm(n, generator=_epoch_generator(seed)) if shuffle else torch.arange(n)
+        for b in range(start, self.num_batches(batch_size, drop_last), step):
+            yield self.collate(order[b * batch_size : (b + 1) * batch_size])
+
+
+class TokenData(CollatedData):
     """Tokenised instruction examples for causal language models: each sequence is
     the prompt (the chat template applied, up to the assistant header) followed by
     the response (answer tokens + eos). `prompt_lens` says where the response starts.
@@ -177,9 +193,6 @@ class TokenData:
                          [a for p in parts for a in p.answers], [i for p in parts for i in p.instructions],
                          parts[0].pad_id, torch.cat([p.t for p in parts]))
 
-    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        n = len(self)
-        return n // batch_size if drop_last else -(-n // batch_size)
 
     def by_length(self) -> "TokenData":
         """The same examples, longest response first (ties: longest prompt): generation batches of
@@ -206,15 +219,9 @@ class TokenData:
                  "instructions": [self.instructions[i] for i in idx.tolist()], "max_new_tokens": responses + 2}
         return Batch(x=x, y=y, t=self.t[idx], raw=None, extra=extra)
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-                start: int = 0, step: int = 1) -> Iterator[Batch]:
-        n = len(self)
-        order = torch.randperm(n, generator=_epoch_generator(seed)) if shuffle else torch.arange(n)
-        for b in range(start, self.num_batches(batch_size, drop_last), step):
-            yield self.collate(order[b * batch_size : (b + 1) * batch_size])
 
 
-class TokenBlocks:
+class TokenBlocks(CollatedData):
     """Fixed-length training sequences of a token stream, read from memory-mapped arrays of token
     ids (the `.bin` files a scenario's token cache writes once: documents tokenised, each followed
     by eos, concatenated). Sample i is the `length + 1` tokens from `starts[i]` of file `sources[i]`:
@@ -283,9 +290,6 @@ class TokenBlocks:
         return TokenBlocks(files, parts[0].dtype, sources, torch.cat([p.starts for p in parts]), parts[0].length,
                            torch.cat([p.t for p in parts]))
 
-    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
-        n = len(self)
-        return n // batch_size if drop_last else -(-n // batch_size)
 
     def collate(self, idx: Tensor | Sequence[int]) -> Batch:
         idx = torch.as_tensor(idx, dtype=torch.long)
@@ -294,12 +298,6 @@ class TokenBlocks:
         block = torch.from_numpy(rows.astype(np.int64))
         return Batch(x=block[:, :-1], y=block[:, 1:], t=self.t[idx], raw=None)
 
-    def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, drop_last: bool = False,
-                start: int = 0, step: int = 1) -> Iterator[Batch]:
-        n = len(self)
-        order = torch.randperm(n, generator=_epoch_generator(seed)) if shuffle else torch.arange(n)
-        for b in range(start, self.num_batches(batch_size, drop_last), step):
-            yield self.collate(order[b * batch_size : (b + 1) * batch_size])
 
 
 @dataclass

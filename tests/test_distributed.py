@@ -27,6 +27,8 @@ CASES = {
     "dst": ["debug=smoke", "strategy=dst", "scenario.setting=task", "scenario.max_per_class=40",
             "trainer.batch_size=16", "trainer.epochs=2", "optimizer=adam", "optimizer.lr=0.01",
             "strategy.update_every=4"],
+    # continual pre-training with replay: token blocks from the memory-mapped cache, replayed rows of the global batch
+    "cpt_replay": ["experiment=cpt_smollm2_replay", "debug=smoke", "strategy.fraction=0.3", "trainer.batch_size=4"],
 }
 
 
@@ -56,13 +58,16 @@ def test_two_processes_train_what_one_process_trains(case, tmp_path):
     assert len(la) == len(lb) == a["iterations"]
     assert torch.allclose(torch.tensor(lb), torch.tensor(la), rtol=LOSS_RTOL, atol=0), (la, lb)
     sizes = a["eval_sizes"]
-    for row_a, row_b in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
+    if "loss_matrix" in a:  # a token stream: losses agree to float-sum order
+        assert torch.allclose(torch.tensor(b["loss_matrix"]), torch.tensor(a["loss_matrix"]), rtol=LOSS_RTOL)
+    for row_a, row_b in zip(a.get("accuracy_matrix", []), b.get("accuracy_matrix", [])):
         for j, (x, y) in enumerate(zip(row_a, row_b)):
             assert abs(x - y) <= 1 / sizes[j] + 1e-9, (a["accuracy_matrix"], b["accuracy_matrix"])
 
     # sharded evaluation covers every sample once: the same events, the same sizes, written once (rank 0)
     ea, eb = read_events(tmp_path / "one"), read_events(tmp_path / "ddp")
-    strip = lambda events: [(e["event"], e.get("iteration"), e.get("eval_experience"), e.get("n")) for e in events]  # noqa: E731
+    strip = lambda events: [(e["event"], e.get("iteration"), e.get("eval_experience"), e.get("held_out"), e.get("n"))  # noqa: E731
+                            for e in events]
     assert strip(ea) == strip(eb)
     assert not (tmp_path / "ddp" / "error.txt").exists()
     assert len(list((tmp_path / "ddp").glob("**/config.yaml"))) == 2  # ours + Hydra's, from rank 0 only
