@@ -165,3 +165,18 @@ def test_gzipped_roff_of_a_folder_is_not_mistaken_for_text(tmp_path):
     (tmp_path / "page.1.gz").write_bytes(gzip.compress(b".TH X 1\n"))
     with pytest.raises(UserError, match="hold no .txt, .md, .jsonl files"):
         corpora.text_files(str(tmp_path))
+
+
+def test_the_python_standard_library_is_a_code_domain():
+    corpus = corpora.python_stdlib()
+    first = next(iter(corpus.documents()))
+    assert corpus.about["files"] > 100 and ("import" in first or "def " in first)
+
+
+def test_a_hub_corpus_offline_fails_in_one_sentence(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    corpus = corpora.hub_dataset("no-such-user/no-such-corpus")
+    with pytest.raises(UserError, match="Could not open the hub dataset no-such-user/no-such-corpus") as e:
+        next(iter(corpus.documents()))
+    assert "\n" not in str(e.value)
