@@ -296,6 +296,19 @@ def tokenize(tokenizer, examples: Sequence[tuple[str, str, str]], prompt_format:
     return TokenData(seqs, torch.tensor(plens), answers, instructions, tokenizer.pad_token_id)
 
 
+def retention_prompts(tok, retention: dict | None, max_length: int = 256,
+                      system: str | None = None) -> RetentionPrompts | None:
+    """The retention probe's prompts (`retention`: size, prompts, max_new_tokens, batch_size; the
+    24 built-in general prompts by default), or None when it lists none."""
+    retention = dict(retention or {})
+    prompts = retention.get("prompts", GENERAL_PROMPTS)
+    if not prompts:
+        return None
+    examples = [("", p, "") for p in prompts[: retention.get("size") or len(prompts)]]
+    return RetentionPrompts(tokenize(tok, examples, "{instruction}", max_length, system),
+                            retention.get("max_new_tokens", 32), retention.get("batch_size", 16))
+
+
 def instruction_stream(
     tasks: Sequence[dict],
     tokenizer: str = "tiny",
@@ -341,13 +354,7 @@ def instruction_stream(
             train=tokenize(tok, train, prompt_format, max_length, system).with_task(i),
             eval=tokenize(tok, test, prompt_format, max_length, system).with_task(i)))
         names.append(task_name)
-    probe = None
-    retention = dict(retention or {})
-    prompts = retention.get("prompts", GENERAL_PROMPTS)
-    if prompts:
-        examples = [("", p, "") for p in prompts[: retention.get("size") or len(prompts)]]
-        probe = RetentionPrompts(tokenize(tok, examples, "{instruction}", max_length, system),
-                                 retention.get("max_new_tokens", 32), retention.get("batch_size", 16))
+    probe = retention_prompts(tok, retention, max_length, system)
     return Stream(
         experiences=experiences, setting="instruction", name=name, num_classes=0, input_shape=(max_length,),
         modality="instruction", retention=probe,

@@ -175,10 +175,12 @@ def token_stream(domains: Sequence[dict], tokenizer: str = "tiny", cache_dir: st
                  model_cache_dir: str = "data/models", seq_len: int = 256,
                  tokens_per_experience: int | Sequence[int] = 65536, eval_tokens: int = 8192,
                  eval_fraction: float = 0.05, data_seed: int = 0, held_out: Sequence[dict] | None = None,
-                 name: str = "token_stream") -> Stream:
+                 retention: dict | None = None, name: str = "token_stream") -> Stream:
     """One experience per domain (`{name, corpus}`, the corpus a `scenarios.corpora` source), in
     the order given; `held_out` domains are scored, never trained on. `tokenizer` is the model's
-    `pretrained`. The token arrays are cached under `cache_dir`."""
+    `pretrained`. The token arrays are cached under `cache_dir`. `retention` (the instruction
+    streams' probe: general prompts answered before training and re-asked after each experience)
+    needs a tokenizer with a chat template; null leaves it out."""
     if not domains:
         raise UserError("scenario.domains is empty; list the corpora to learn in order, e.g. "
                         "[{name: en, corpus: {_target_: scenarios.corpora.debian_man_pages, package: manpages}}].")
@@ -224,7 +226,15 @@ def token_stream(domains: Sequence[dict], tokenizer: str = "tiny", cache_dir: st
         extra[d["name"]] = whole.subset(torch.arange(test // seq_len))
         about.append({"name": d["name"], "held_out": True, **cache.meta["about"], "cache": str(cache.folder),
                       "eval_tokens": extra[d["name"]].tokens})
+    probe = None
+    if retention is not None:
+        if tok.chat_template is None:
+            raise UserError(f"scenario.retention needs a tokenizer with a chat template, and {tokenizer}'s has none; "
+                            "set scenario.retention=null.")
+        from scenarios.instruction import retention_prompts
+
+        probe = retention_prompts(tok, retention)
     info = {"tokenizer": tokenizer, "seq_len": seq_len, "domains": about, "data_seed": data_seed,
             "eval_fraction": eval_fraction, "packing": f"blocks of {seq_len} next-token targets, no padding"}
     return Stream(experiences, setting="domain", name=name, num_classes=len(domains), input_shape=(seq_len,),
-                  modality="tokens", held_out=extra, info=info)
+                  modality="tokens", held_out=extra, retention=probe, info=info)

@@ -521,6 +521,10 @@ class Evaluator:
                                for h, name in enumerate(self.held_out_names)}
             if len(rows) > 1:
                 out["metrics"]["held_out_loss_increase"] = sum(rows[-1]) / len(rows[-1]) - sum(rows[0]) / len(rows[0])
+        if self.probe is not None:
+            out["retention"] = self.probe.results()
+            if self.probe.agreement:
+                out["metrics"]["retention"] = self.probe.agreement[-1]
         return out
 
     def _continual_settings(self) -> dict:
