@@ -212,7 +212,7 @@ def token_stream(domains: Sequence[dict], tokenizer: str = "tiny", cache_dir: st
         held = _blocks(cache, "eval", seq_len, test, "eval_tokens", d["name"],
                        "lower it, or raise scenario.eval_fraction.", None)
         experiences.append(Experience(i, [i], train.with_task(i), held.with_task(i), i, name=d["name"]))
-        about.append({"name": d["name"], **cache.meta["about"], "cache": str(cache.folder),
+        about.append({"name": d["name"], **cache.meta["about"], "cache": cache.folder.name,
                       "corpus_tokens": cache.meta["tokens"], "train_tokens": train.tokens, "eval_tokens": held.tokens})
     extra = {}
     for d in held_out or []:
@@ -224,7 +224,7 @@ def token_stream(domains: Sequence[dict], tokenizer: str = "tiny", cache_dir: st
             raise UserError(f"scenario.eval_tokens={test} is more than the {whole.tokens} tokens that the held-out "
                             f"domain {d['name']} holds; lower it or give the domain more text.")
         extra[d["name"]] = whole.subset(torch.arange(test // seq_len))
-        about.append({"name": d["name"], "held_out": True, **cache.meta["about"], "cache": str(cache.folder),
+        about.append({"name": d["name"], "held_out": True, **cache.meta["about"], "cache": cache.folder.name,
                       "eval_tokens": extra[d["name"]].tokens})
     probe = None
     if retention is not None:
