@@ -235,7 +235,7 @@ def train(
         if per_epoch:  # the experience's last trace point: the model its accuracy-matrix row scores
             evaluator.epoch_end(pos.iteration, i, per_epoch)
         row = evaluator.end_of_experience(i, pos.iteration)
-        log({"event": "experience_end", "experience": i, "iteration": pos.iteration, "accuracy": row})
+        log({"event": "experience_end", "experience": i, "iteration": pos.iteration, evaluator.score.primary: row})
         pos.experience, pos.epoch, pos.batch = i + 1, 0, 0
         run.save("end")
     return pos
