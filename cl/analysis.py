@@ -88,11 +88,7 @@ def primary_accuracy(run: Path, events: pd.DataFrame | None = None) -> str:
     if res.is_file():
         return json.loads(res.read_text()).get("accuracy", "loss")
     events = _events(run) if events is None else events
-    if "event" in events and "protocol" in events:
-        for proto in events.loc[events["event"] == "run_start", "protocol"]:
-            if isinstance(proto, dict) and "accuracy" in proto:
-                return proto["accuracy"]
-    return "task-agnostic"
+    return _run_start(events).get("accuracy", "task-agnostic")
 
 
 def _run_start(events: pd.DataFrame) -> dict:

@@ -448,10 +448,7 @@ class Evaluator:
         }
         if self.stream.modality == "instruction":
             out.update(self._teacher_forced_results())
-        if self.probe is not None:
-            out["retention"] = self.probe.results()
-            if self.probe.agreement:
-                out["metrics"]["retention"] = self.probe.agreement[-1]
+        self._add_retention(out)
         if self.task_aware_available:
             other = self.rows if aware else self.rows_task_aware
             name = "task_agnostic" if aware else "task_aware"
@@ -480,10 +477,7 @@ class Evaluator:
         the metrics of the declared continual score on its matrix."""
         key = self.trace_key
         R, b = self.other_rows.get(key, []), self.initial_other.get(key)
-        if key in LOSSES:
-            summary = metrics.loss_summary(R, self.sizes, b) if R else {}
-        else:
-            summary = metrics.summary(R, self.sizes, b) if R else {}
+        summary = ((metrics.loss_summary if key in LOSSES else metrics.summary)(R, self.sizes, b)) if R else {}
         mode = self.settings.generate
         return {
             "generated_entries": {"all": "every entry (and the untrained model's row)",
@@ -521,11 +515,15 @@ class Evaluator:
                                for h, name in enumerate(self.held_out_names)}
             if len(rows) > 1:
                 out["metrics"]["held_out_loss_increase"] = sum(rows[-1]) / len(rows[-1]) - sum(rows[0]) / len(rows[0])
+        self._add_retention(out)
+        return out
+
+    def _add_retention(self, out: dict) -> None:
+        """The retention probe's answers and agreements, and its last agreement as a metric."""
         if self.probe is not None:
             out["retention"] = self.probe.results()
             if self.probe.agreement:
                 out["metrics"]["retention"] = self.probe.agreement[-1]
-        return out
 
     def _continual_settings(self) -> dict:
         return {
