@@ -335,7 +335,7 @@ def main() -> None:
         hydra_main()
         status = "finished"
     finally:
-        distributed.shutdown()
+        distributed.shutdown(status == "finished")
         if own_stamp:
             os.environ.pop("CL_RUN_STAMP", None)
         if sweep is not None:

@@ -47,9 +47,17 @@ def init() -> None:
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=int(os.environ.get("CL_DIST_TIMEOUT_MIN", "30"))))
 
 
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(finished: bool) -> None:
+    """Leave the process group. After a finished run every rank waits for the others first:
+    rank 0 still writes results and plots when the others are done, and a gloo group torn
+    down on one rank while a peer is still connected aborts that rank's process
+    ("terminate called without an active exception") although its run succeeded. After a
+    failure there is no waiting (the other ranks may never arrive)."""
+    if not dist.is_initialized():
+        return
+    if finished and active():
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def active() -> bool:
