@@ -183,9 +183,11 @@ class Strategy:
         """The experience's last step is done."""
 
     @torch.no_grad()
-    def predict(self, batch: Batch) -> Tensor:
-        """Logits over the labels seen so far (columns = remapped class labels)."""
-        return self.model(batch.x)
+    def predict(self, batch: Batch, keep: Tensor | None = None) -> Tensor:
+        """Logits over the labels seen so far (columns = remapped class labels). Language
+        models: next-token logits, B×L×V, or with a boolean `keep` (B×L) N×V at those
+        positions only (teacher-forced scoring needs the response tokens alone)."""
+        return self.model(batch.x) if keep is None else self.model(batch.x, keep)
 
     @contextmanager
     def baseline(self):

@@ -295,8 +295,8 @@ class LCIA(Strategy):
             self._activate(self.active)
 
     @torch.no_grad()
-    def predict(self, batch: Batch):
-        return self._routed(batch, lambda: self.model(batch.x))
+    def predict(self, batch: Batch, keep: torch.Tensor | None = None):
+        return self._routed(batch, lambda: super(LCIA, self).predict(batch, keep))
 
     @torch.no_grad()
     def generate(self, batch: Batch, max_new_tokens: int) -> list[str]:

@@ -143,7 +143,7 @@ def test_teacher_forced_exact_match_agrees_with_generated_exact_match_on_a_memor
     with torch.inference_mode():
         for i in range(len(mixed)):
             batch = mixed.collate([i])
-            exact, accuracy, loss = teacher_forced_scores(strategy.predict(batch), batch)
+            exact, accuracy, loss = teacher_forced_scores(strategy.predict(batch, keep=batch.y != -100), batch)
             tf.append(exact)
             gen.append(generated_scores(strategy, batch, stream[0]))
             assert (accuracy == 1.0) == (exact == 1.0) and (loss < 0.1 or exact == 0)
@@ -161,8 +161,8 @@ def test_teacher_forced_token_accuracy_and_loss_by_hand():
     logits[0, 1, 1] = logits[0, 2, 0] = 0.0  # sample 0: token 1 right, token 2 wrong (argmax 0)
     logits[1, 1, 0] = logits[1, 2, 1] = logits[1, 3, 2] = 0.0  # sample 1: all right
     logits[0, 2, 2] = -1.0  # the target of sample 0's 2nd token has some mass: its loss is finite
-    exact, accuracy, loss = teacher_forced_scores(logits, Batch(x=torch.zeros(2, 4, dtype=torch.long), y=y,
-                                                                t=torch.zeros(2)))
+    exact, accuracy, loss = teacher_forced_scores(logits[y != -100], Batch(x=torch.zeros(2, 4, dtype=torch.long), y=y,
+                                                                           t=torch.zeros(2)))
     assert exact == 1.0 and accuracy == pytest.approx(0.5 + 1.0)
     second = -torch.log_softmax(torch.tensor([0.0, -1e4, -1.0]), 0)[2].item()
     assert loss == pytest.approx((0.0 + second) / 2 + 0.0, abs=1e-6)

@@ -62,16 +62,19 @@ SCORERS = dict(zip(TEXT_METRICS, (exact_match, rouge_l, edit_similarity)))
 
 def teacher_forced_scores(logits: Tensor, batch: Batch) -> tuple[float, float, float]:
     """Sums over the batch's samples of (exact match, token accuracy, mean token loss) of the
-    response tokens under teacher forcing."""
-    targets = batch.y
-    mask = targets != -100
-    right = logits.argmax(-1) == targets
-    tokens = mask.sum(1).clamp(min=1)
-    exact = (right | ~mask).all(1).sum()
-    accuracy = ((right & mask).sum(1) / tokens).sum()
+    response tokens under teacher forcing. `logits` are N×V, at the response positions
+    (`batch.y != -100`) in row-major order: `predict(batch, keep=mask)`."""
+    mask = batch.y != -100
+    targets = batch.y[mask]
     rows = mask.nonzero()[:, 0]
-    ce = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none")
-    loss = (torch.zeros(len(targets), dtype=ce.dtype, device=ce.device).index_add_(0, rows, ce) / tokens).sum()
+    tokens = mask.sum(1).clamp(min=1)
+    per_row = lambda values: torch.zeros(len(mask), dtype=values.dtype, device=values.device).index_add_(0, rows, values)  # noqa: E731
+    right = (logits.argmax(-1) == targets).to(torch.float64)
+    wrong = per_row(1 - right)
+    exact = (wrong == 0).sum()
+    accuracy = (per_row(right) / tokens).sum()
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")
+    loss = (per_row(ce) / tokens).sum()
     return float(exact), float(accuracy), float(loss)
 
 
@@ -99,7 +102,7 @@ class InstructionScorer:
         return (("accuracy",) if full else ()) + self.TEACHER_FORCED
 
     def __call__(self, strategy, batch: Batch, exp, full: bool) -> tuple[float, ...]:
-        forced = teacher_forced_scores(strategy.predict(batch), batch)
+        forced = teacher_forced_scores(strategy.predict(batch, keep=batch.y != -100), batch)
         return ((generated_scores(strategy, batch, exp),) if full else ()) + forced
 
 
