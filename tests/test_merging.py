@@ -1,0 +1,141 @@
+"""Continual merging: OPCM against a re-derivation of the official code's order of operations
+(FusionBench `OPCMForCLIP.run`: the first model as is; then per leaf module the SVD of the
+current merged task vector, a temporary λ_t = 1, the global rescale to the mean task-vector norm),
+and continual task arithmetic and averaging against their closed forms, over 4 merges."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from strategies.merge_avg import MergeAverage
+from strategies.merge_ta import MergeTaskArithmetic
+from strategies.merging import project_out, split_rank
+from strategies.opcm import OPCM
+
+
+class Tiny(nn.Module):
+    """Matrices of both orientations, a convolution, a norm, biases, and a per-task head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3)
+        self.wide = nn.Linear(7, 5)
+        self.tall = nn.Linear(5, 9, bias=False)
+        self.norm = nn.LayerNorm(9)
+        self.head = nn.Linear(9, 4)
+
+
+def rederived_opcm(theta0: dict, models: list[dict], linear: set[str], alpha: float) -> list[dict]:
+    """The official loop, step by step (written from reading `opcm.py`, float64)."""
+    def gnorm(a, b):
+        return torch.cat([(a[k] - b[k]).reshape(-1) for k in a]).norm()
+
+    merged = {k: v.clone() for k, v in models[0].items()}
+    previous_lambda, norms, out = 1.0, [gnorm(models[0], theta0)], [dict(merged)]
+    for model in models[1:]:
+        norms.append(gnorm(model, theta0))
+        avg = torch.stack(norms).mean()
+        lambda_t = 1.0
+        for k in merged:
+            previous_tv, task_tv = merged[k] - theta0[k], model[k] - theta0[k]
+            if k in linear:
+                shape = task_tv.shape
+                m, tau = previous_tv.reshape(shape[0], -1), task_tv.reshape(shape[0], -1)
+                u, s, vh = torch.linalg.svd(m, full_matrices=True)
+                v = vh.T
+                split = int((s.cumsum(0) / s.sum() > alpha).float().argmax())
+                p = u.T @ tau @ v
+                p.diagonal().fill_(0)
+                p[:split, :split] = 0
+                x = (u @ p @ v.T).reshape(shape)
+            else:
+                x = task_tv
+            merged[k] = theta0[k] + (previous_lambda * previous_tv + x) / lambda_t
+        norm = gnorm(merged, theta0)
+        lambda_t *= float(norm / avg)
+        merged = {k: theta0[k] + (merged[k] - theta0[k]) * (avg / norm) for k in merged}
+        previous_lambda = lambda_t
+        out.append(dict(merged))
+    return out
+
+
+def drive(strategy, models: list[dict]) -> list[dict]:
+    """Merge `models` (merged-parameter dicts) one by one, as `after_experience` does."""
+    strategy.base = {n: p.detach().clone() for n, p in strategy.merged_parameters().items()}
+    outputs = []
+    for model in models:
+        tau = {n: model[n] - strategy.base[n] for n in strategy.base}
+        strategy.merged = strategy.merge(tau)
+        strategy.merges += 1
+        outputs.append({n: v.clone() for n, v in strategy.merged.items()})
+    return outputs
+
+
+def fine_tuned(theta0: dict, count: int, seed: int = 0) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in theta0.items()}
+            for _ in range(count)]
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.5, 0.8])
+@pytest.mark.parametrize("conv", ["reshape", "skip"])
+def test_opcm_matches_the_official_order_of_operations_over_4_merges(alpha, conv):
+    torch.manual_seed(1)
+    model = Tiny().double()
+    opcm = OPCM(model, None, alpha=alpha, conv=conv)
+    theta0 = {n: p.detach().clone() for n, p in opcm.merged_parameters().items()}
+    assert "head.weight" not in theta0  # per-task heads are not merged
+    linear = {"wide.weight", "tall.weight"} | ({"conv.weight"} if conv == "reshape" else set())
+    assert opcm.matrices() == linear
+    models = fine_tuned(theta0, 4)
+    ours, reference = drive(opcm, models), rederived_opcm(theta0, models, linear, alpha)
+    for step, (a, b) in enumerate(zip(ours, reference)):
+        for k in theta0:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-5, msg=f"merge {step + 1}, {k}")
+    # the defining property: after every merge the merged task vector's norm is the mean task-vector norm
+    norms = [torch.cat([(m[k] - theta0[k]).reshape(-1) for k in theta0]).norm() for m in models]
+    for t, merged in enumerate(ours[1:], start=2):
+        got = torch.cat([(merged[k] - theta0[k]).reshape(-1) for k in theta0]).norm()
+        assert float(got) == pytest.approx(float(torch.stack(norms[:t]).mean()), rel=1e-9)
+    torch.testing.assert_close(ours[0]["wide.weight"], models[0]["wide.weight"])  # the first merge is θ_1
+
+
+def test_projection_removes_the_protected_directions_and_the_diagonal():
+    """Closed form: τ̃ = τ − U_r U_rᵀ τ V_r V_rᵀ − Σ_{i≥r} (u_iᵀ τ v_i) u_i v_iᵀ, for both orientations."""
+    g = torch.Generator().manual_seed(0)
+    for shape in [(6, 4), (4, 6), (5, 5)]:
+        m, tau = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+        u, s, vh = torch.linalg.svd(m, full_matrices=False)
+        r = split_rank(s, 0.5)
+        assert 0 < r < len(s)
+        ur, vr = u[:, :r], vh[:r].T
+        expect = tau - ur @ ur.T @ tau @ vr @ vr.T
+        for i in range(r, len(s)):
+            expect -= (u[:, i] @ tau @ vh[i]) * torch.outer(u[:, i], vh[i])
+        torch.testing.assert_close(project_out(m, tau, 0.5), expect)
+        # what is left has no component along any of M's matched singular pairs
+        cleaned = project_out(m, tau, 0.5)
+        assert torch.allclose(torch.stack([u[:, i] @ cleaned @ vh[i] for i in range(len(s))]),
+                              torch.zeros(len(s), dtype=torch.float64), atol=1e-12)
+
+
+def test_split_rank_counts_the_leading_share_at_most_alpha_as_the_official_argmax():
+    s = torch.tensor([4.0, 3.0, 2.0, 1.0])  # cumulative shares 0.4, 0.7, 0.9, 1.0
+    assert [split_rank(s, a) for a in (0.3, 0.4, 0.5, 0.7, 0.95)] == [0, 1, 1, 2, 3]
+    assert split_rank(s, 1.0) == 0  # no share exceeds alpha: the official argmax of an all-false mask is 0
+    assert split_rank(torch.zeros(3), 0.5) == 0
+
+
+def test_task_arithmetic_and_averaging_match_their_closed_forms():
+    torch.manual_seed(2)
+    for cls, kwargs in ((MergeTaskArithmetic, {"scaling": 0.3}), (MergeAverage, {})):
+        model = Tiny().double()
+        strategy = cls(model, None, **kwargs)
+        theta0 = {n: p.detach().clone() for n, p in strategy.merged_parameters().items()}
+        models = fine_tuned(theta0, 4, seed=3)
+        for t, merged in enumerate(drive(strategy, models), start=1):
+            for k in theta0:
+                taus = torch.stack([m[k] - theta0[k] for m in models[:t]])
+                expect = theta0[k] + (0.3 * taus.sum(0) if cls is MergeTaskArithmetic else taus.mean(0))
+                torch.testing.assert_close(merged[k], expect)
