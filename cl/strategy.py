@@ -159,7 +159,21 @@ class Strategy:
         tokens (instruction), or over every next token of the packed blocks (token streams)."""
         if self.stream.modality in ("instruction", "tokens"):
             return self.token_loss(batch.x, batch.y)
-        return F.cross_entropy(self.forward(batch.x, batch.t), batch.y)
+        logits = self.forward(batch.x, batch.t)
+        if self.stream.setting == "dataset":  # each dataset has its own head: cross-entropy within its classes
+            logits = self.own_head(logits, batch.t)
+        return F.cross_entropy(logits, batch.y)
+
+    def own_head(self, logits: Tensor, t: Tensor) -> Tensor:
+        """`logits` with every column outside the sample's own experience's classes at -inf (the
+        dataset setting: a dataset's head is its rows of the growing head)."""
+        owned = getattr(self, "_owned", None)
+        if owned is None or owned.device != logits.device:
+            owned = torch.zeros(len(self.stream), self.stream.num_classes, dtype=torch.bool, device=logits.device)
+            for e in self.stream:
+                owned[e.index, e.classes] = True
+            self._owned = owned
+        return logits.masked_fill(~owned[t, : logits.shape[1]], float("-inf"))
 
     def token_loss(self, x: Tensor, y: Tensor) -> Tensor:
         """Mean cross-entropy over the response tokens (targets that are not -100);

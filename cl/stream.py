@@ -341,7 +341,7 @@ class Stream:
     """
 
     experiences: list[Experience]
-    setting: str  # "class" | "task" | "domain" | "instruction"
+    setting: str  # "class" | "task" | "dataset" | "domain" | "instruction"
     name: str
     num_classes: int
     input_shape: tuple[int, ...]
@@ -387,7 +387,7 @@ class Stream:
     @property
     def task_aware(self) -> bool:
         """Whether predictions may use the task label (task-incremental)."""
-        return self.setting == "task"
+        return self.setting in ("task", "dataset")  # dataset: each experience a dataset with its own head
 
     @property
     def shape_name(self) -> str:

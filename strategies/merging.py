@@ -5,8 +5,8 @@ The protocol (`ContinualMerging`), FusionBench's continual setting (Tang et al. 
 
 - every experience fine-tunes a fresh copy of the pretrained weights θ₀ on that task alone:
   the merged parameters (the backbone: everything but a `Classifier`'s head) are reset to θ₀,
-  and the task trains its own head (its rows of the growing head; cross-entropy over its own
-  classes only);
+  and the task trains its own head (in the dataset setting, its rows of the growing head, with
+  cross-entropy over its own classes only);
 - at the experience end its task vector τ_t = θ_t − θ₀ is merged into the running merged
   model by the method's `merge(tau)`, and the task's head rows are kept as they are;
 - evaluation (`predict`, `generate`) runs the merged weights with each task's own head, so the
@@ -30,7 +30,6 @@ import math
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cl.stream import Batch, Experience
@@ -132,13 +131,9 @@ class ContinualMerging(Strategy):
         return torch.as_tensor(exp.classes, device=self.device)  # labels are columns, contiguous per task
 
     def training_step(self, batch: Batch) -> Tensor:
-        if self.stream.modality != "classification":
-            return super().training_step(batch)
         for m in self._norms:  # batch norm keeps θ₀'s statistics (module docstring)
             m.eval()
-        cols = self._task_columns(self.experience)
-        logits = self.forward(batch.x, batch.t)[:, cols]
-        return F.cross_entropy(logits, torch.searchsorted(cols, batch.y))
+        return super().training_step(batch)  # the dataset setting: cross-entropy within the task's own head
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:

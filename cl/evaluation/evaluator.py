@@ -21,7 +21,7 @@ The model runs in eval mode under `inference_mode`; every module's train/eval
 state is restored afterwards (BatchNorm, dropout). Per-sample correctness comes
 from the strategy's declared methods through the scorer of the stream's modality
 (`scorer_for`): for classification, `predict`'s argmax, and the argmax within the
-experience's classes for task-aware accuracy. Outside the task-incremental setting, `predict` sees task label -1.
+experience's classes for task-aware accuracy. Outside the task- and dataset-incremental settings, `predict` sees task label -1.
 
 Instruction streams (`cl.evaluation.text`): continual evaluation is teacher-forced
 exact match on `predict`'s logits; full evaluations score greedy generations (the
@@ -111,7 +111,7 @@ class ClassificationScorer:
     lower_is_better = False
 
     def __init__(self, stream: Stream, device: torch.device):
-        self.task_aware = stream.setting in ("class", "task")
+        self.task_aware = stream.setting in ("class", "task", "dataset")
         self.classes = [torch.tensor(e.classes, device=device) for e in stream]
 
     def names(self, full: bool) -> tuple[str, ...]:
@@ -410,7 +410,7 @@ class Evaluator:
     def primary_is_task_aware(self) -> bool:
         """Task-aware in the task setting, unless the strategy asks for its full-logit
         argmax (`task_aware_accuracy = False`, e.g. DST's official evaluation)."""
-        return self.stream.setting == "task" and self.strategy.task_aware_accuracy
+        return self.stream.task_aware and self.strategy.task_aware_accuracy
 
     @property
     def trace(self) -> dict[int, list[tuple[int, float]]]:
