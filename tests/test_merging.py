@@ -139,3 +139,25 @@ def test_task_arithmetic_and_averaging_match_their_closed_forms():
                 taus = torch.stack([m[k] - theta0[k] for m in models[:t]])
                 expect = theta0[k] + (0.3 * taus.sum(0) if cls is MergeTaskArithmetic else taus.mean(0))
                 torch.testing.assert_close(merged[k], expect)
+
+
+@pytest.mark.parametrize("cls", [OPCM, MergeTaskArithmetic, MergeAverage])
+def test_merging_state_does_not_grow_with_the_number_of_tasks(cls):
+    """θ₀, the merged weights and a few scalars: the same bytes after 2 merges as after 8 (the
+    per-task heads are the model's, one per task by the setting's definition)."""
+    def state_after(T: int) -> tuple[int, int]:
+        torch.manual_seed(0)
+        strategy = cls(Tiny().double(), None)
+        theta0 = {n: p.detach().clone() for n, p in strategy.merged_parameters().items()}
+        drive(strategy, fine_tuned(theta0, T))
+        saved = strategy.state_dict()
+        tensors = [*saved["base"].values(), *saved["merged"].values(),
+                   *[v for v in saved["method"].values() if isinstance(v, torch.Tensor)]]
+        scalars = [v for v in saved["method"].values() if not isinstance(v, torch.Tensor)]
+        assert all(isinstance(v, float) for v in scalars)  # no list that grows with T
+        return strategy.state_bytes(), sum(t.numel() * t.element_size() for t in tensors)
+
+    two, eight = state_after(2), state_after(8)
+    assert two == eight
+    model_bytes = sum(p.numel() * p.element_size() for n, p in Tiny().double().named_parameters() if not n.startswith("head"))
+    assert two[0] == 2 * model_bytes  # θ₀ and the merged weights, nothing per task
