@@ -64,7 +64,7 @@ def test_every_preset_is_tested():
             "dst_splitfmnist", "finetune_til_splitfmnist", "mos_cifar100", "mos_imagenet_r", "simplecil_cifar100",
             "finetune_smollm2", "hft_smollm2", "lora_smollm2", "lcia_smollm2", "replay_smollm2",
             "hft_trace", "lcia_trace", "seqlora_trace", "cpt_smollm2", "cpt_smollm2_replay", "cpt_smollm2_infinite",
-            "cpt_smollm2_joint", "opcm_multidataset", "merge_ta_multidataset", "merge_avg_multidataset"} <= set(PRESETS)
+            "cpt_smollm2_joint", "opcm_multidataset", "merge_ta_multidataset", "merge_avg_multidataset", "opcm_smollm2"} <= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
