@@ -17,7 +17,8 @@ The protocol (`ContinualMerging`), FusionBench's continual setting (Tang et al. 
   models; the merge's own state is a few scalars. The merged weights are swapped into the
   live parameters for an evaluation (a pointer swap, no copy) and swapped back after.
 - Each fine-tuned model's accuracy on its own task (before it is merged, the upper bound of
-  merging) is recorded in `results.json` under `strategy.individual_accuracy`.
+  merging) is recorded in `results.json` under `strategy.individual_accuracy` (instruction
+  tasks: `individual_token_accuracy`, teacher-forced).
 
 Batch norm (a difference from the papers' CLIP-ViT, which has only layer norm): fine-tuning
 keeps every batch-norm layer in eval mode, so its running statistics stay θ₀'s in every
@@ -137,11 +138,10 @@ class ContinualMerging(Strategy):
 
     @torch.no_grad()
     def after_experience(self, exp: Experience) -> None:
+        self.individual.append(self._own_score(exp))
         if self.stream.modality == "classification":
-            self.individual.append(self._own_accuracy(exp))
             head = self.model.head.fc
-            cols = self._task_columns(exp)
-            self.heads[exp.index] = {k: v[cols].clone() for k, v in head.state_dict().items()}
+            self.heads[exp.index] = {k: v[self._task_columns(exp)].clone() for k, v in head.state_dict().items()}
             for i, rows in self.heads.items():  # rows of earlier tasks as they were trained
                 for k, v in head.state_dict().items():
                     v[self._task_columns(self.stream[i])] = rows[k]
@@ -149,13 +149,22 @@ class ContinualMerging(Strategy):
         self.merged = self.merge(tau)
         self.merges += 1
 
-    def _own_accuracy(self, exp: Experience) -> float:
-        cols = self._task_columns(exp)
-        right = total = 0
-        for batch in eval_batches(self, exp.eval, 256):
-            right += int((cols[self.model(batch.x)[:, cols].argmax(1)] == batch.y).sum())
-            total += len(batch.y)
-        return right / max(total, 1)
+    def _own_score(self, exp: Experience) -> float:
+        """The fine-tuned model (live weights, before merging) on its own task's eval split: accuracy
+        through its own head, or an instruction task's teacher-forced token accuracy."""
+        total = score = 0.0
+        if self.stream.modality == "classification":
+            cols = self._task_columns(exp)
+            for batch in eval_batches(self, exp.eval, 256):
+                score += int((cols[self.model(batch.x)[:, cols].argmax(1)] == batch.y).sum())
+                total += len(batch.y)
+        elif self.stream.modality == "instruction":
+            from cl.evaluation.text import teacher_forced_scores
+
+            for batch in eval_batches(self, exp.eval, 8):
+                score += teacher_forced_scores(self.model(batch.x, batch.y != -100), batch)[1]
+                total += len(batch.y)
+        return score / total if total else float("nan")
 
     def predict(self, batch: Batch, keep: Tensor | None = None) -> Tensor:
         with self.merged_weights():
@@ -176,7 +185,8 @@ class ContinualMerging(Strategy):
         pass
 
     def results(self) -> dict:
-        return {"individual_accuracy": self.individual, "merges": self.merges,
+        what = "individual_token_accuracy" if self.stream.modality == "instruction" else "individual_accuracy"
+        return {what: self.individual, "merges": self.merges,
                 "merged_parameters": sum(p.numel() for p in self.merged_parameters().values()),
                 "state_bytes": self.state_bytes()}
 
