@@ -58,5 +58,8 @@ def data_root(tmp_path_factory) -> Path:
     datafiles.write_image_folder(root / "cub", classes=4)
     datafiles.write_image_folder(root / "imagenet", classes=5, splits=("train", "val"))
     datafiles.write_trace(root / "TRACE")
+    for i, task in enumerate(("sun397", "cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")):
+        datafiles.write_image_folder(root / "clip_8tasks" / task, classes=3, per_class_train=2, per_class_test=2,
+                                     size=(36, 40), seed=10 + i)
     (root / "imagenet100.txt").write_text("\n".join(f"n{c:08d}" for c in (3, 1, 4, 0)) + "\n")
     return root

@@ -64,7 +64,8 @@ def test_every_preset_is_tested():
             "dst_splitfmnist", "finetune_til_splitfmnist", "mos_cifar100", "mos_imagenet_r", "simplecil_cifar100",
             "finetune_smollm2", "hft_smollm2", "lora_smollm2", "lcia_smollm2", "replay_smollm2",
             "hft_trace", "lcia_trace", "seqlora_trace", "cpt_smollm2", "cpt_smollm2_replay", "cpt_smollm2_infinite",
-            "cpt_smollm2_joint", "opcm_multidataset", "merge_ta_multidataset", "merge_avg_multidataset", "opcm_smollm2"} <= set(PRESETS)
+            "cpt_smollm2_joint", "opcm_multidataset", "merge_ta_multidataset", "merge_avg_multidataset", "opcm_smollm2",
+            "opcm_clip_vit_b32_8tasks"} <= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -187,6 +188,15 @@ def test_mos_preset_without_data_or_weights_names_both_within_seconds(tmp_path):
     start = time.time()
     r = cli(["experiment=mos_cifar100", f"data_dir={tmp_path}"])  # the real preset: ViT-B/16 from the hub
     assert_one_sentence(r, "cifar-100-python", "vit_base_patch16_224.augreg_in21k", "checkpoint_path")
+    assert time.time() - start < 60
+
+
+def test_clip_8tasks_preset_without_data_or_weights_names_both_within_seconds(tmp_path):
+    import time
+
+    start = time.time()
+    r = cli(["experiment=opcm_clip_vit_b32_8tasks", f"data_dir={tmp_path}"])  # the real preset: CLIP ViT-B/32 from the hub
+    assert_one_sentence(r, "clip_8tasks", "vit_base_patch32_clip_224.openai", "checkpoint_path")
     assert time.time() - start < 60
 
 
