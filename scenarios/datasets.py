@@ -259,7 +259,8 @@ def image_folder(
     if not train_p.is_dir() or not test_p.is_dir():
         raise UserError(
             f"{name} is not under {root_p}: expected {train_p}/<class>/<image> and {test_p}/<class>/<image>; "
-            "set scenario.dataset.root to the folder that holds them."
+            f"set scenario.dataset.root (in a dataset stream scenario.datasets.{name}.dataset.root) to the folder "
+            "that holds them."
         )
     if class_list:
         lines = Path(class_list).expanduser().read_text().split()
