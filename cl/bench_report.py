@@ -23,7 +23,8 @@ from cl.protocol import load_job
 
 # the columns of the results table, when the suite's runs report them
 METRICS = {"average_incremental_accuracy": "Ā", "final_average_accuracy": "last acc.", "forgetting": "forgetting",
-           "bwt": "BWT", "min_acc": "min-ACC", "wc_acc": "WC-ACC", "wf_10": "WF₁₀", "retention": "retention"}
+           "bwt": "BWT", "min_acc": "min-ACC", "wc_acc": "WC-ACC", "wf_10": "WF₁₀", "retention": "retention",
+           "individual": "each task's own model"}  # merging: the fine-tuned models before merging (the upper bound)
 COST = {"wall_time_s": "wall (s)", "evaluation_share": "eval share", "trainable_parameters": "trainable params",
         "peak_memory_mb": "peak mem (MB)"}
 
@@ -61,6 +62,9 @@ def collect(runs, out: Path) -> pd.DataFrame:
         else:
             row["status"] = "finished"
             row.update(job.metrics)
+            own = (job.results.get("strategy") or {}).get("individual_accuracy")
+            if own:  # a merging run: each fine-tuned model on its own task, averaged over the tasks
+                row["individual"] = sum(own) / len(own)
             row.update(run_cost(folder, job.results))
             origin = job.results.get("provenance") or {}
             row["commit"] = (origin.get("git_commit") or "unknown")[:12] + ("+dirty" if origin.get("git_dirty") else "")
