@@ -197,10 +197,11 @@ class ContinualMerging(Strategy):
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def state_dict(self) -> dict:
-        return {"base": self.base, "merged": self.merged, "merges": self.merges, "heads": self.heads,
-                "individual": self.individual, "method": self.merge_state()}
+        return {**super().state_dict(), "base": self.base, "merged": self.merged, "merges": self.merges,
+                "heads": self.heads, "individual": self.individual, "method": self.merge_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)  # the live model: the fine-tune in progress and the heads
         to = lambda d: None if d is None else {k: v.to(self.device) for k, v in d.items()}  # noqa: E731
         self.base, self.merged, self.merges = to(state["base"]), to(state["merged"]), state["merges"]
         self.heads = {i: to(rows) for i, rows in state["heads"].items()}

@@ -13,6 +13,7 @@ from strategies.lcia import LCIA
 from strategies.lm_replay import LMReplay
 from strategies.lora import SeqLoRA
 from strategies.mos import MOS
+from strategies.opcm import OPCM
 from strategies.replay import DERPP, ER, ERACE
 from strategies.token_replay import TokenReplay
 
@@ -82,6 +83,10 @@ class CrashingTokenReplay(Crash, TokenReplay):
 
 
 class CrashingFinetune(Crash, Finetune):
+    pass
+
+
+class CrashingOPCM(Crash, OPCM):
     pass
 
 

@@ -102,6 +102,15 @@ def test_killed_continual_pre_training_run_resumes_to_the_same_numbers(tmp_path,
     assert_resumes_to_the_same_numbers(tmp_path, CPT + [f"data_dir={data_root}"] + overrides, crash_at)
 
 
+def test_killed_merging_run_resumes_to_the_same_numbers(tmp_path, data_root, monkeypatch):
+    """OPCM killed inside the second dataset, after one merge: θ₀, the merged weights, λ and the
+    norms' running sum, the earlier heads and the individual scores come out the same."""
+    monkeypatch.setenv("CL_FMNIST_DIR", str(data_root / "fashion-mnist"))
+    overrides = ["experiment=opcm_multidataset", "debug=smoke", "strategy._target_=tests.helpers.CrashingOPCM",
+                 "trainer.batch_size=16", "trainer.checkpoint_every=2", "trainer.log_every=1", "evaluation.every=2"]
+    assert_resumes_to_the_same_numbers(tmp_path, overrides, 8)
+
+
 def assert_resumes_to_the_same_numbers(tmp_path, overrides, crash_at):
     try:
         Crash.crash_at = None
