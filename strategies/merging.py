@@ -80,6 +80,8 @@ class ContinualMerging(Strategy):
     """The shared protocol; a method implements `merge(tau) -> merged` (dicts of tensors by name)
     and its `merge_state`."""
 
+    conv = "skip"  # how `matrices` treats convolution kernels (OPCM's option; see `matrix_view`)
+
     def __init__(self, model: nn.Module, optimizer, scheduler=None):
         super().__init__(model, optimizer, scheduler)
         self.base: dict[str, Tensor] = {}  # θ₀
@@ -95,10 +97,9 @@ class ContinualMerging(Strategy):
 
     def matrices(self) -> set[str]:
         """Names of the merged weights that are matrices to OPCM (see `matrix_view`)."""
-        conv = getattr(self, "conv", "skip")
         merged = self.merged_parameters()
         return {f"{prefix}.weight" for prefix, module in self.model.named_modules()
-                if f"{prefix}.weight" in merged and matrix_view(module, conv)}
+                if f"{prefix}.weight" in merged and matrix_view(module, self.conv)}
 
     @contextmanager
     def merged_weights(self):
