@@ -61,7 +61,7 @@ class OPCM(ContinualMerging):
                 t = project_out(previous.flatten(1), t.flatten(1), self.alpha).view_as(t)
             total[n] = self.lam * previous + t
         self.lam = global_norm(total.values()) / mean_norm
-        return {n: self.base[n] + s / self.lam for n, s in total.items()}
+        return {n: s.div_(self.lam).add_(self.base[n]) for n, s in total.items()}  # in place: one model less at peak
 
     def merge_state(self) -> dict:
         return {"lam": self.lam, "norm_sum": self.norm_sum}
