@@ -105,8 +105,8 @@ def trace_score(run: Path, events: pd.DataFrame, full: bool) -> str:
     (`evaluation.continual_score`) and the generated `accuracy` in full evaluations; otherwise
     "accuracy"."""
     proto = _run_start(events)
-    if "score" in proto:  # a token stream
-        return "loss"
+    if "accuracy" not in proto:  # a token stream: its protocol names a loss instead (an instruction
+        return "loss"             # stream's "score" only describes its scorers)
     if proto.get("setting") == "instruction" and not full:
         cfg = yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}
         score = (cfg.get("evaluation") or {}).get("continual_score", "token_accuracy")

@@ -264,6 +264,11 @@ def test_generate_modes_generate_only_their_entries_and_say_so(tmp_path, mode):
     assert sum(e["generated"] for e in full) == (5 if mode == "diagonal_and_final" else 3)
     continual = [e for e in read_events(tmp_path) if e["event"] == "eval" and not e["full"]]
     assert continual and all({"exact_tf", "token_accuracy", "token_loss"} <= set(e) for e in continual)
+    from cl import analysis  # what cl.report and cl.bench plot: the trace of the continual score
+
+    trace = analysis.load_trace(tmp_path, config=False)
+    assert set(trace["score_type"]) == {"token_accuracy"}
+    assert trace["score"].tolist() == [e["token_accuracy"] for e in continual]
 
 
 def test_a_token_loss_trace_gets_lower_is_better_stability_metrics(tmp_path):
