@@ -264,12 +264,34 @@ def sections(suite: DictConfig, df: pd.DataFrame, seconds: float, command: str) 
     return {"about": about, "notes": notes, **t}
 
 
+def measured(df: pd.DataFrame, out: Path) -> str | None:
+    """What the accuracy columns measure, read from a finished evaluation run's results.json."""
+    done = df[(df["status"] == "finished") & (df["phase"] == "evaluation")]
+    if done.empty:
+        return None
+    res = json.loads((out / done["folder"].iloc[0] / "results.json").read_text())
+    if "continual_score" in res:  # instruction tasks: two scorers
+        metrics = ", ".join(sorted(set(res["protocol"].get("metrics") or [])))
+        return (f"Ā, last acc., forgetting and BWT score greedily generated answers by each task's metric ({metrics}), "
+                f"generated entries: {res.get('generated_entries')}; min-ACC, WC-ACC and WF₁₀ come from the continual "
+                f"trace's teacher-forced {res['continual_score'].replace('_', ' ')} of the response tokens"
+                + ("; retention: agreement with the base model's answers on the retention probe"
+                   if "retention" in df else ""))
+    if "accuracy" in res:
+        return (f"{res['accuracy']} accuracy on the test split"
+                + (" (each task's classes only)" if res["accuracy"] == "task-aware" else " (over every class seen)"))
+    return None
+
+
 def write(suite: DictConfig, runs, out: Path, command: str, seconds: float) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     df = collect(runs, out)
     df["run_config"] = [f"{m}:{t}" for m, t in zip(df["method"], df["trial"])]
     df.drop(columns=["run_config"]).to_csv(out / "runs.csv", index=False)
     s = sections(suite, df, seconds, command)
+    what = measured(df, out)
+    if what:
+        s["about"].insert(2, ("measured", what))
     images = plots(suite, df, out)
     lines = [f"# {suite.name}: {suite.get('title', '')}", "", *[f"- **{k}**: {v}" for k, v in s["about"]], "",
              "## Results on the evaluation pool", "",

@@ -52,6 +52,7 @@ def test_a_suite_runs_end_to_end_and_reports_every_method(suite_run):
     report = (suite_run / "report.md").read_text()
     for method in suite["methods"]:
         assert f"| {method} | " in report.split("## Selection")[0], method  # a results row per method
+    assert "- **measured**: task-agnostic accuracy on the test split (over every class seen)" in report
     runs = pd.read_csv(suite_run / "runs.csv")
     assert set(runs["status"]) == {"finished"}
     metric, better = suite["metric"], direction(suite["metric"])
