@@ -283,6 +283,21 @@ def measured(df: pd.DataFrame, out: Path) -> str | None:
     return None
 
 
+def elapsed(df: pd.DataFrame, out: Path, gap: float = 300.0) -> tuple[float, int]:
+    """The suite's elapsed time in seconds, from each finished run's end (its results.json's mtime) and
+    wall time, with idle gaps longer than `gap` left out; and how many sittings that makes. It is
+    the same whether the runs were made by this command or reused from earlier ones."""
+    done = df[df["status"] == "finished"]
+    spans = sorted((end - float(w), end) for f, w in zip(done["folder"], done["wall_time_s"])
+                   if w == w and (end := (out / f / "results.json").stat().st_mtime))
+    total, sittings, start, stop = 0.0, 0, None, None
+    for a, b in spans:
+        if start is None or a > stop + gap:
+            total, sittings, start, stop = total + ((stop - start) if start is not None else 0.0), sittings + 1, a, b
+        stop = max(stop, b)
+    return total + ((stop - start) if start is not None else 0.0), sittings
+
+
 def write(suite: DictConfig, runs, out: Path, command: str, seconds: float) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     df = collect(runs, out)
@@ -292,6 +307,10 @@ def write(suite: DictConfig, runs, out: Path, command: str, seconds: float) -> P
     what = measured(df, out)
     if what:
         s["about"].insert(2, ("measured", what))
+    took, sittings = elapsed(df, out)
+    s["about"] = [(k, v.replace("min for this command;", f"min for this command; {took / 60:.1f} min of elapsed "
+                                f"time for its runs (in {sittings} sitting{'s' * (sittings != 1)}, idle gaps over 5 "
+                                "min left out);")) if k == "time" else (k, v) for k, v in s["about"]]
     images = plots(suite, df, out)
     lines = [f"# {suite.name}: {suite.get('title', '')}", "", *[f"- **{k}**: {v}" for k, v in s["about"]], "",
              "## Results on the evaluation pool", "",
