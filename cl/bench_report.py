@@ -233,21 +233,25 @@ def html_table(rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def sections(suite: DictConfig, df: pd.DataFrame, seconds: float, command: str) -> dict:
+def sections(suite: DictConfig, df: pd.DataFrame, seconds: float, command: str, out: Path) -> dict:
     t = tables(suite, df)
     done = df[df["status"] == "finished"]
     compute = pd.to_numeric(done.get("wall_time_s", pd.Series(dtype=float)), errors="coerce").sum()
+    took, sittings = elapsed(df, out)
     failed = df[df["status"] != "finished"]
+    what = measured(df, out)
     about = [
         ("suite", f"{suite.name} (size {suite.size}): {suite.get('title', '')}"),
         ("phases", str(suite.get("phases", "")).strip()),
+        *([("measured", what)] if what else []),
         ("selection", f"per method, the configuration with the best mean {suite.metric} over the tuning seeds "
                       f"{list(suite.seeds.tuning)} ({'higher' if direction(suite.metric) == 'max' else 'lower'} is "
                       f"better), run unchanged except phase and seed on the evaluation seeds {list(suite.seeds.evaluation)}"),
         ("budget", f"at most {suite.get('trials')} tuning configurations per method, drawn from its grid "
                    "(seeded) when the grid is larger"),
-        ("time", f"{seconds / 60:.1f} min for this command; {compute / 60:.1f} min of run time in the {len(done)} "
-                 "finished runs (the sum of their wall times)"),
+        ("time", f"{seconds / 60:.1f} min for this command; {took / 60:.1f} min of elapsed time for its runs (in "
+                 f"{sittings} sitting{'s' * (sittings != 1)}, idle gaps over 5 min left out); {compute / 60:.1f} min "
+                 f"of run time in the {len(done)} finished runs (the sum of their wall times)"),
         *provenance(command),
         ("runs made at", ", ".join(f"{c} ({n} runs)" for c, n in done.get("commit", pd.Series(dtype=str))
                                    .value_counts().items()) + " (the commit each run's results.json records; "
@@ -285,17 +289,21 @@ def measured(df: pd.DataFrame, out: Path) -> str | None:
 
 def elapsed(df: pd.DataFrame, out: Path, gap: float = 300.0) -> tuple[float, int]:
     """The suite's elapsed time in seconds, from each finished run's end (its results.json's mtime) and
-    wall time, with idle gaps longer than `gap` left out; and how many sittings that makes. It is
-    the same whether the runs were made by this command or reused from earlier ones."""
+    wall time, with idle gaps longer than `gap` left out, and how many sittings that makes: the same
+    whether this command made the runs or reused them."""
     done = df[df["status"] == "finished"]
-    spans = sorted((end - float(w), end) for f, w in zip(done["folder"], done["wall_time_s"])
-                   if w == w and (end := (out / f / "results.json").stat().st_mtime))
-    total, sittings, start, stop = 0.0, 0, None, None
-    for a, b in spans:
-        if start is None or a > stop + gap:
-            total, sittings, start, stop = total + ((stop - start) if start is not None else 0.0), sittings + 1, a, b
-        stop = max(stop, b)
-    return total + ((stop - start) if start is not None else 0.0), sittings
+    spans = []
+    for folder, wall in zip(done["folder"], done.get("wall_time_s", [])):
+        if wall == wall:  # not NaN
+            end = (out / folder / "results.json").stat().st_mtime
+            spans.append((end - float(wall), end))
+    sittings: list[list[float]] = []  # [start, stop] of each stretch without an idle gap over `gap`
+    for start, stop in sorted(spans):
+        if sittings and start <= sittings[-1][1] + gap:
+            sittings[-1][1] = max(sittings[-1][1], stop)
+        else:
+            sittings.append([start, stop])
+    return sum(stop - start for start, stop in sittings), len(sittings)
 
 
 def write(suite: DictConfig, runs, out: Path, command: str, seconds: float) -> Path:
@@ -303,14 +311,7 @@ def write(suite: DictConfig, runs, out: Path, command: str, seconds: float) -> P
     df = collect(runs, out)
     df["run_config"] = [f"{m}:{t}" for m, t in zip(df["method"], df["trial"])]
     df.drop(columns=["run_config"]).to_csv(out / "runs.csv", index=False)
-    s = sections(suite, df, seconds, command)
-    what = measured(df, out)
-    if what:
-        s["about"].insert(2, ("measured", what))
-    took, sittings = elapsed(df, out)
-    s["about"] = [(k, v.replace("min for this command;", f"min for this command; {took / 60:.1f} min of elapsed "
-                                f"time for its runs (in {sittings} sitting{'s' * (sittings != 1)}, idle gaps over 5 "
-                                "min left out);")) if k == "time" else (k, v) for k, v in s["about"]]
+    s = sections(suite, df, seconds, command, out)
     images = plots(suite, df, out)
     lines = [f"# {suite.name}: {suite.get('title', '')}", "", *[f"- **{k}**: {v}" for k, v in s["about"]], "",
              "## Results on the evaluation pool", "",
