@@ -316,8 +316,8 @@ def write(suite: DictConfig, runs, out: Path, command: str, seconds: float) -> P
     lines = [f"# {suite.name}: {suite.get('title', '')}", "", *[f"- **{k}**: {v}" for k, v in s["about"]], "",
              "## Results on the evaluation pool", "",
              "Percent, mean ± std (population, ddof=0) over the evaluation seeds; cost columns: mean wall time per "
-             "run, share of it spent "
-             "evaluating, parameters the optimizer updates, peak memory.", "", *md_table(s["results"]), "",
+             "run, share of it spent evaluating, parameters the optimizer updates, peak memory.", "",
+             *md_table(s["results"]), "",
              "## Selection on the tuning pool", "", *md_table(s["selection"]), "", *s["notes"], "",
              *[f"![{name}](plots/{p.name})" for name, p in images.items()], ""]
     (out / "report.md").write_text("\n".join(lines))

@@ -235,7 +235,8 @@ def test_opcm_on_a_timm_vit_projects_every_attention_and_mlp_matrix():
     strategy = OPCM(vit, None)
     assert strategy.matrices() == linears | {"backbone.model.patch_embed.proj.weight"}
     theta0 = {n: p.detach().clone() for n, p in strategy.merged_parameters().items()}
-    merged = drive(strategy, fine_tuned(theta0, 2))[-1]
-    norms = [torch.cat([(m[k] - theta0[k]).reshape(-1) for k in theta0]).norm() for m in fine_tuned(theta0, 2)]
+    models = fine_tuned(theta0, 2)
+    merged = drive(strategy, models)[-1]
+    norms = [torch.cat([(m[k] - theta0[k]).reshape(-1) for k in theta0]).norm() for m in models]
     merged_norm = torch.cat([(merged[k] - theta0[k]).reshape(-1) for k in theta0]).norm()
     torch.testing.assert_close(merged_norm, torch.stack(norms).mean(), rtol=1e-4, atol=0)
